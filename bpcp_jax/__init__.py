@@ -1,0 +1,44 @@
+"""bpcp_jax: block pruning + channel pruning (BPCP) of residual networks in JAX/Flax.
+
+The curated public API. A typical session::
+
+    import bpcp_jax as bp
+    model = bp.create_model("resnet_v2_56", num_classes=10)
+    variables = model.init(rng, images, train=False)
+    masks = bp.init_masks(model)
+    small, small_vars = bp.materialize(model, variables, masks)
+    bp.count_params_macs(small)
+"""
+
+from bpcp_jax.block_search import decide_blocks, gate_penalty, gate_probabilities, hard_gates, sample_gates
+from bpcp_jax.counting import count_leaves, count_params_macs, layer_report
+from bpcp_jax.masks import check_masks, init_masks, kept_blocks, pruned_spec
+from bpcp_jax.materialize import materialize, materialize_masks
+from bpcp_jax.models import ResNet, group_widths, layer_table
+from bpcp_jax.spec import FAMILIES, ArchSpec, BlockSpec, StageSpec, dense_spec, parse_model_name
+
+__version__ = "0.1.0"
+
+
+def create_model(name: str, num_classes: int = 10, **module_kwargs) -> ResNet:
+  """A dense CIFAR network by name: ``"resnet_v2_56"``, ``"resnet_v1_bottleneck_29"``, ``"resnet_v1_20"``...
+
+  ``module_kwargs`` go to ``ResNet`` (``dtype``, ``init_style``, ``bn_axis_name``, ``conv1x1``).
+  Raises ``ValueError`` naming the family or depth when the name is not a valid network.
+  """
+  family, depth = parse_model_name(name)
+  return ResNet(spec=dense_spec(family, depth, num_classes), **module_kwargs)
+
+
+def model_from_spec(spec: ArchSpec, **module_kwargs) -> ResNet:
+  """The network of a (possibly pruned) spec, e.g. one restored from a checkpoint."""
+  return ResNet(spec=spec, **module_kwargs)
+
+
+__all__ = [
+    "ArchSpec", "BlockSpec", "FAMILIES", "ResNet", "StageSpec",
+    "check_masks", "count_leaves", "count_params_macs", "create_model", "decide_blocks", "dense_spec",
+    "gate_penalty", "gate_probabilities", "group_widths", "hard_gates", "init_masks", "kept_blocks",
+    "layer_report", "layer_table", "materialize", "materialize_masks", "model_from_spec",
+    "parse_model_name", "pruned_spec", "sample_gates",
+]

@@ -1,0 +1,99 @@
+"""The mask pytree: one gate logit per residual block and one 0/1 vector per channel group.
+
+``{"blocks": {"stage0_block0": logit, ...}, "channels": {"stem": [1., 0., ...], ...}}``
+
+Block logits are trainable (the block search moves them; keep a block iff its logit >= 0);
+channel vectors are 0/1 decisions made by channel pruning. Both are plain dicts of arrays, so
+the whole pytree goes through ``jax.jit``, ``jax.pmap``, optax and orbax unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Union
+
+import jax.numpy as jnp
+import numpy as np
+
+from bpcp_jax.models.resnet import ResNet
+from bpcp_jax.models.structure import group_widths, stream_group
+from bpcp_jax.spec import ArchSpec, BlockSpec, block_name
+
+Masks = dict[str, dict[str, Any]]
+
+
+def _spec_of(model_or_spec: Union[ResNet, ArchSpec]) -> ArchSpec:
+  return model_or_spec.spec if isinstance(model_or_spec, ResNet) else model_or_spec
+
+
+def init_masks(model_or_spec: Union[ResNet, ArchSpec]) -> Masks:
+  """All blocks undecided (logit 0, kept) and every channel kept."""
+  spec = _spec_of(model_or_spec)
+  return {
+      "blocks": {name: jnp.zeros((), jnp.float32) for name in spec.block_names()},
+      "channels": {g: jnp.ones((w,), jnp.float32) for g, w in group_widths(spec).items()},
+  }
+
+
+def check_masks(model_or_spec: Union[ResNet, ArchSpec], masks: Mapping[str, Any]) -> None:
+  """Raise ``ValueError`` naming the first key or shape that does not fit the network."""
+  spec = _spec_of(model_or_spec)
+  if set(masks) != {"blocks", "channels"}:
+    raise ValueError(f"masks must have exactly the keys 'blocks' and 'channels', got {sorted(masks)}")
+  want_blocks, got_blocks = set(spec.block_names()), set(masks["blocks"])
+  if want_blocks != got_blocks:
+    raise ValueError(f"mask block keys do not match the network: missing {sorted(want_blocks - got_blocks)}, "
+                     f"unexpected {sorted(got_blocks - want_blocks)}")
+  widths = group_widths(spec)
+  if set(widths) != set(masks["channels"]):
+    raise ValueError(f"mask channel groups do not match the network: missing "
+                     f"{sorted(set(widths) - set(masks['channels']))}, unexpected "
+                     f"{sorted(set(masks['channels']) - set(widths))}")
+  for g, w in widths.items():
+    shape = np.shape(masks["channels"][g])
+    if shape != (w,):
+      raise ValueError(f"channel mask {g!r} has shape {shape}, the network's group has {w} channels")
+
+
+def kept_blocks(masks: Mapping[str, Any]) -> dict[str, bool]:
+  """Block decisions: keep iff logit >= 0 (p >= 0.5)."""
+  return {name: bool(np.asarray(logit) >= 0) for name, logit in masks["blocks"].items()}
+
+
+def kept_indices(mask) -> np.ndarray:
+  """Indices of the channels a 0/1 vector keeps."""
+  return np.flatnonzero(np.asarray(mask) > 0.5)
+
+
+def live_groups(spec: ArchSpec, masks: Mapping[str, Any]) -> list[str]:
+  """Channel groups that still exist once the removed blocks are gone."""
+  keep = kept_blocks(masks)
+  groups = ["stem"]
+  for si, stage in enumerate(spec.stages):
+    g = stream_group(spec, si)
+    if g not in groups:
+      groups.append(g)
+    for b in stage.blocks:
+      name = block_name(si, b.index)
+      if keep[name]:
+        groups += [f"{name}_mid{k + 1}" for k in range(len(b.widths))]
+  return groups
+
+
+def pruned_spec(spec: ArchSpec, masks: Mapping[str, Any]) -> ArchSpec:
+  """The smaller spec the masks describe: removed blocks dropped, every group at its kept width."""
+  check_masks(spec, masks)
+  keep = kept_blocks(masks)
+  width = {g: int(len(kept_indices(masks["channels"][g]))) for g in live_groups(spec, masks)}
+  for g, w in width.items():
+    if w == 0:
+      raise ValueError(f"channel mask {g!r} keeps no channel; every group must keep at least one")
+  stages = []
+  for si, stage in enumerate(spec.stages):
+    blocks = []
+    for b in stage.blocks:
+      name = block_name(si, b.index)
+      if keep[name]:
+        blocks.append(BlockSpec(b.index, tuple(width[f"{name}_mid{k + 1}"] for k in range(len(b.widths)))))
+    stages.append(dataclasses.replace(stage, width=width[stream_group(spec, si)], blocks=tuple(blocks)))
+  return dataclasses.replace(spec, stem_width=width["stem"], stages=tuple(stages))
