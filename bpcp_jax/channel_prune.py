@@ -234,7 +234,7 @@ def zero_pruned_filters(model: ResNet, variables: Mapping[str, Any], masks: Mapp
   for layer in _live_layers(model.spec, masks):
     if layer.kind == "conv" and layer.out_group is not None:
       m = jnp.asarray(masks["channels"][layer.out_group], params[layer.name]["kernel"].dtype)
-      params[layer.name] = {**params[layer.name], "kernel": params[layer.name]["kernel"] * m}
+      params[layer.name] = {**params[layer.name], "kernel": params[layer.name]["kernel"] * m.reshape(1, 1, 1, -1)}
   return {**variables, "params": params}
 
 

@@ -60,7 +60,8 @@ class ResNet(nn.Module):
       group = table[name].in_group
       if channel_masks is None or group is None:
         return h
-      return h * channel_masks[group].astype(h.dtype)
+      mask = channel_masks[group].astype(h.dtype)
+      return h * mask.reshape((1,) * (h.ndim - 1) + mask.shape)
 
     def conv(name, h):
       layer = table[name]

@@ -1,0 +1,98 @@
+"""Networks: exact counts, specs, initialisation, name validation, implementation choices."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bpcp_jax as bp
+from bpcp_jax.spec import ArchSpec
+from tests.helpers import images
+
+
+def test_resnet_v2_56_counts_match_original_code():
+  model = bp.create_model("resnet_v2_56", num_classes=10)
+  c = bp.count_params_macs(model)
+  assert c["params"] == 590_426
+  assert (c["conv_params"], c["bn_params"], c["fc_params"]) == (579_760, 8_096, 2_570)
+  assert c["macs"] == 87_214_592
+  assert c["blocks"] == 18
+  variables = model.init(jax.random.key(0), images(jax.random.key(1), 1), train=False)
+  assert bp.count_leaves(variables["params"]) == 590_426
+
+
+def test_resnet_v1_56_is_the_standard_cifar_resnet():
+  c = bp.count_params_macs(bp.create_model("resnet_v1_56"))
+  assert 0.84e6 < c["params"] < 0.86e6
+  assert 125e6 <= c["macs"] <= 127e6
+  assert c["blocks"] == 27
+
+
+@pytest.mark.parametrize("name", ["resnet_v2_20", "resnet_v1_bottleneck_29", "resnet_v1_20", "resnet_v1_32"])
+def test_counter_equals_parameter_leaves(name):
+  model = bp.create_model(name, num_classes=7)
+  variables = model.init(jax.random.key(0), images(jax.random.key(1), 1), train=False)
+  assert bp.count_leaves(variables["params"]) == bp.count_params_macs(model)["params"]
+  table_names = {l.name for l in bp.layer_table(model.spec)}
+  assert set(variables["params"]) == table_names
+  out = model.apply(variables, images(jax.random.key(2), 3), train=False)
+  assert out.shape == (3, 7) and out.dtype == jnp.float32
+
+
+def test_bad_names_are_named_in_the_error():
+  with pytest.raises(ValueError, match=r"57.*9n\+2"):
+    bp.create_model("resnet_v2_57")
+  with pytest.raises(ValueError, match=r"21.*6n\+2"):
+    bp.create_model("resnet_v1_21")
+  with pytest.raises(ValueError, match="resnet_v2, resnet_v1_bottleneck, resnet_v1"):
+    bp.create_model("vgg_16")
+
+
+def test_spec_round_trips_through_json():
+  model = bp.create_model("resnet_v1_bottleneck_20")
+  spec = model.spec
+  assert ArchSpec.from_json(spec.to_json()) == spec
+  assert hash(spec) == hash(ArchSpec.from_json(spec.to_json()))
+
+
+def test_original_init():
+  model = bp.create_model("resnet_v2_56", init_style="original")
+  v = model.init(jax.random.key(0), images(jax.random.key(1), 1), train=False)["params"]
+  np.testing.assert_allclose(v["stage0_block0_bn1"]["scale"], 0.5)
+  np.testing.assert_allclose(v["stage0_block0_bn1"]["bias"], 0.0)
+  k = np.asarray(v["stage2_block3_conv2"]["kernel"])  # 3x3, 64 -> 64: std sqrt(2/(9*64))
+  assert abs(k.std() - np.sqrt(2 / (9 * 64))) < 0.1 * np.sqrt(2 / (9 * 64))
+  flax_default = bp.create_model("resnet_v2_56").init(jax.random.key(0), images(jax.random.key(1), 1), train=False)
+  np.testing.assert_allclose(flax_default["params"]["stage0_block0_bn1"]["scale"], 1.0)
+
+
+@pytest.mark.parametrize("name", ["resnet_v2_20", "resnet_v1_20"])
+def test_einsum_1x1_equals_nn_conv(name):
+  fast = bp.create_model(name, conv1x1="einsum")
+  ref = bp.create_model(name, conv1x1="conv")
+  x = images(jax.random.key(1))
+  v = ref.init(jax.random.key(0), x, train=False)
+  assert jax.tree.structure(v) == jax.tree.structure(fast.init(jax.random.key(0), x, train=False))
+  np.testing.assert_allclose(fast.apply(v, x, train=False), ref.apply(v, x, train=False), rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+  model = bp.create_model("resnet_v2_20", dtype=jnp.bfloat16)
+  x = images(jax.random.key(1))
+  v = model.init(jax.random.key(0), x, train=False)
+  assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(v))
+  out = model.apply(v, x, train=False)
+  ref = bp.create_model("resnet_v2_20").apply(v, x, train=False)
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(out, ref, rtol=0.1, atol=0.1)
+
+
+def test_jit_and_plain_agree():
+  model = bp.create_model("resnet_v1_bottleneck_20")
+  x = images(jax.random.key(1))
+  v = model.init(jax.random.key(0), x, train=False)
+  masks = bp.init_masks(model)
+  plain = model.apply(v, x, train=False, masks=masks)
+  jitted = jax.jit(lambda v, x, m: model.apply(v, x, train=False, masks=m))(v, x, masks)
+  np.testing.assert_allclose(plain, jitted, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(plain, model.apply(v, x, train=False), rtol=1e-5, atol=1e-6)
