@@ -44,6 +44,9 @@ def make_optimizer(
 ) -> optax.GradientTransformation:
   """SGD for the weights (decay on every model parameter, as the original) and for the gates."""
   gate_lr = learning_rate if gate_learning_rate is None else gate_learning_rate
+  # plain floats become constant schedules so the state's structure never depends on the choice
+  learning_rate, gate_lr = (optax.constant_schedule(v) if isinstance(v, (int, float)) else v
+                            for v in (learning_rate, gate_lr))
   weights = optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate, momentum=momentum))
   gates = optax.sgd(gate_lr, momentum=gate_momentum)
 

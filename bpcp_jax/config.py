@@ -1,0 +1,152 @@
+"""Run configuration: the defaults every experiment config starts from, and command-line overrides.
+
+Experiment files (``experiments/configs/*.py``) define ``get_config()`` returning an
+``ml_collections.ConfigDict`` built from ``default_config()``. Any field can be overridden on
+the command line as ``--config.stages.search.gamma=0.1``; a key that does not exist or a value
+of the wrong type is an error that names it.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+from typing import Sequence
+
+import ml_collections
+
+STAGES = ("pretrain", "search", "finetune_blocks", "prune", "finetune_channels")
+
+
+class ConfigError(ValueError):
+  """A config file or override that cannot be used; the message names it."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The paper's recipe (ResNet-v2-56, 160 epochs per training stage, CIFAR-10)."""
+  c = ml_collections.ConfigDict()
+  c.model = "resnet_v2_56"
+  c.num_classes = 10
+  c.init_style = "original"
+  c.dtype = "float32"
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "folder"  # "folder" (offline image folder / archive) or "tfds:cifar10" / "tfds:cifar100"
+  c.data.path = ""  # folder source: "" = $BPCP_DATA or ../shared/data/cifar10-jpeg.tar.gz
+  c.data.tfds_data_dir = ""
+  c.data.cache_dir = ""
+  c.data.max_train_per_class = 0  # 0 = all; a smaller train set for quick runs
+  c.data.max_test_per_class = 0  # 0 = all 1,000 per class
+
+  c.batch_size = 128  # global batch, split over all devices of all hosts
+  c.eval_batch_size = 500
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 0.1
+  c.optim.momentum = 0.9
+  c.optim.weight_decay = 1e-4
+  c.optim.schedule = "step"  # x0.1 at 50% and 75% of a stage's epochs; or "cosine", "constant"
+  c.optim.gate_lr = 0.1
+
+  c.stages = ml_collections.ConfigDict()
+  c.stages.run = ",".join(STAGES)  # which stages the pipeline runs, in this order
+  c.stages.pretrain = ml_collections.ConfigDict({"epochs": 160, "lr": 0.1, "bn_l1": 0.0})
+  c.stages.search = ml_collections.ConfigDict({"epochs": 160, "lr": 0.1, "gamma": 0.05})
+  c.stages.finetune_blocks = ml_collections.ConfigDict({"epochs": 160, "lr": 0.1})
+  c.stages.prune = ml_collections.ConfigDict({
+      "criterion": "bn_scale", "ratio": 0.4, "target": "channels", "reduce": "max", "scope": "global",
+      "round_to": 1, "min_channels": 1})
+  c.stages.finetune_channels = ml_collections.ConfigDict({"epochs": 160, "lr": 0.1})
+
+  c.checkpoint = ml_collections.ConfigDict({"keep": 3, "every_steps": 0})
+  c.log_every_steps = 20
+  c.eval_every_epochs = 1  # 0 = evaluate at the end of each stage only
+  c.profile = ml_collections.ConfigDict({"batch_sizes": "1,128", "repeats": 20})
+  return c
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """Import ``get_config()`` from a Python config file."""
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file not found: {path}")
+  spec = importlib.util.spec_from_file_location(f"bpcp_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except Exception as e:  # a broken config file: say which one
+    raise ConfigError(f"could not load config file {path}: {type(e).__name__}: {e}") from e
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {path} defines no get_config()")
+  config = module.get_config()
+  check_config(config, where=path)
+  return config
+
+
+def check_config(config: ml_collections.ConfigDict, where: str = "config") -> None:
+  """Every key must be one ``default_config()`` knows (catches typos in config files)."""
+  known = _flatten(default_config())
+  for key in _flatten(config):
+    if key not in known:
+      raise ConfigError(f"unknown config key {key!r} in {where}; "
+                        f"known keys under that section: {_siblings(key, known)}")
+
+
+def _flatten(c, prefix=""):
+  out = {}
+  for k, v in c.items():
+    name = f"{prefix}{k}"
+    if isinstance(v, ml_collections.ConfigDict):
+      out.update(_flatten(v, name + "."))
+    else:
+      out[name] = v
+  return out
+
+
+def _siblings(key, known):
+  head = key.rsplit(".", 1)[0] + "." if "." in key else ""
+  names = sorted({k[len(head):].split(".")[0] for k in known if k.startswith(head)})
+  return ", ".join(names)
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+  """Apply ``key=value`` overrides (``--config.`` prefix optional); values keep the field's type."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  known = _flatten(config)
+  for item in overrides:
+    text = item[len("--config."):] if item.startswith("--config.") else item
+    if "=" not in text:
+      raise ConfigError(f"override {item!r} is not key=value")
+    key, raw = text.split("=", 1)
+    if key not in known:
+      raise ConfigError(f"unknown config key {key!r} (from {item!r}); known keys under that section: "
+                        f"{_siblings(key, known)}")
+    old = known[key]
+    try:
+      if isinstance(old, bool):
+        if raw.lower() not in ("true", "false", "1", "0"):
+          raise ValueError(raw)
+        value = raw.lower() in ("true", "1")
+      elif isinstance(old, int):
+        value = int(raw)
+      elif isinstance(old, float):
+        value = float(raw)
+      elif isinstance(old, str):
+        value = raw
+      else:
+        value = ast.literal_eval(raw)
+    except ValueError as e:
+      raise ConfigError(f"config key {key!r} expects {type(old).__name__}, got {raw!r}") from e
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def stage_list(config) -> list[str]:
+  stages = [s.strip() for s in config.stages.run.split(",") if s.strip()]
+  bad = [s for s in stages if s not in STAGES]
+  if bad:
+    raise ConfigError(f"unknown stage(s) {bad} in stages.run; choose from {', '.join(STAGES)}")
+  return stages

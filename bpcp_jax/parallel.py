@@ -1,0 +1,90 @@
+"""Where the pure steps meet the devices: pmap wrappers, replication, sharding, multi-host start.
+
+The same code runs on one device and on many: the global batch is split across all local
+devices (and across hosts, each host feeding its own devices), the steps are mapped with
+``jax.pmap`` over the axis ``AXIS``, and the old state's buffers are donated. Each wrapper is
+guarded by ``chex.assert_max_traces`` so a silent recompilation fails loudly.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import chex
+import jax
+import numpy as np
+
+from bpcp_jax import steps
+
+AXIS = "batch"
+# environment variables that announce a multi-process launch (any one is enough)
+_DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
+
+
+def maybe_initialize_distributed() -> bool:
+  """Join a multi-host run when the environment says so; returns whether it did.
+
+  Set ``JAX_COORDINATOR_ADDRESS=host:port``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` on
+  every host (or run under a cluster jax detects by itself, e.g. SLURM or a TPU pod).
+  """
+  if not any(os.environ.get(k) for k in _DISTRIBUTED_ENV):
+    return False
+  kwargs = {}
+  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    kwargs["coordinator_address"] = os.environ["JAX_COORDINATOR_ADDRESS"]
+  if os.environ.get("JAX_NUM_PROCESSES"):
+    kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
+  if os.environ.get("JAX_PROCESS_ID"):
+    kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
+  jax.distributed.initialize(**kwargs)
+  return True
+
+
+def local_sharding():
+  """Leading axis split over this host's devices: how pmap wants its inputs."""
+  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (AXIS,))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+
+
+def replicate(tree):
+  """Copy a host pytree onto every local device (leading device axis)."""
+  n, sharding = jax.local_device_count(), local_sharding()
+  return jax.tree.map(lambda x: jax.device_put(np.broadcast_to(np.asarray(x)[None], (n,) + np.shape(x)), sharding),
+                      tree)
+
+
+def unreplicate(tree):
+  """The first device's copy, fetched to the host as numpy."""
+  return jax.tree.map(lambda x: np.asarray(x[0]), tree)
+
+
+def shard_batch(batch, num_devices: int | None = None):
+  """[B, ...] host arrays -> [devices, B / devices, ...] on the devices, for pmap."""
+  from bpcp_jax.data import shard
+
+  return jax.device_put(shard(batch, num_devices or jax.local_device_count()), local_sharding())
+
+
+def _guarded(fn, n: int):
+  """``chex.assert_max_traces`` for one step instance (chex keys its counter on source and name,
+  so each instance gets a name of its own)."""
+
+  def step(*args):
+    return fn(*args)
+
+  step.__name__ = f"{fn.func.__name__}_{id(fn):x}"
+  return chex.assert_max_traces(step, n=n)
+
+
+def parallel_train_step(model, tx, *, mode: str = "dense", gamma: float = 0.0, bn_l1: float = 0.0,
+                        augment: bool = True, max_traces: int = 1):
+  """``train_step`` mapped over the local devices, donating the old state."""
+  fn = functools.partial(steps.train_step, model=model, tx=tx, mode=mode, gamma=gamma, bn_l1=bn_l1,
+                         augment=augment, axis_name=AXIS)
+  return jax.pmap(_guarded(fn, max_traces), axis_name=AXIS, donate_argnums=(0,))
+
+
+def parallel_eval_step(model, max_traces: int = 1):
+  fn = functools.partial(steps.eval_step, model=model, axis_name=AXIS)
+  return jax.pmap(_guarded(fn, max_traces), axis_name=AXIS)
