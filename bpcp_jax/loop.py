@@ -131,10 +131,13 @@ def _finite(x) -> bool:
   return bool(np.all(np.isfinite(np.asarray(x))))
 
 
-def train_stage(run: StageRun, state, *, start_step: int = 0, p_eval=None) -> tuple[Any, dict[str, float]]:
+def train_stage(run: StageRun, state, *, start_step: int = 0, start_sums: Optional[dict] = None,
+                p_eval=None) -> tuple[Any, dict[str, float]]:
   """Train ``state`` (host pytree) from global step ``start_step`` to the end of the stage.
 
-  Returns the final host state and the last test metrics.
+  ``start_sums``: the running metric sums of the interrupted epoch (from the checkpoint's meta),
+  so a resumed epoch reports exactly what an uninterrupted one would. Returns the final host
+  state and the last test metrics.
   """
   spe = run.steps_per_epoch
   if spe == 0:
@@ -148,7 +151,10 @@ def train_stage(run: StageRun, state, *, start_step: int = 0, p_eval=None) -> tu
   start_epoch = start_step // spe
   for epoch in range(start_epoch, run.epochs):
     skip = start_step - epoch * spe if epoch == start_epoch else 0
-    t0, sums, n_logged = time.time(), None, 0
+    sums = None
+    if skip and start_sums:  # device-shaped float32, so the additions replay bit for bit
+      sums = {k: np.full((jax.local_device_count(),), v, np.float32) for k, v in start_sums.items()}
+    t0 = time.time()
     batches = data.prefetch(_host_batches(run, epoch, skip), size=2, device_put=parallel.shard_batch)
     bar = tqdm(total=spe, initial=skip, desc=f"{run.name} {epoch + 1}/{run.epochs}", unit="step",
                disable=not run.progress or jax.process_index() != 0, leave=False)
@@ -157,25 +163,25 @@ def train_stage(run: StageRun, state, *, start_step: int = 0, p_eval=None) -> tu
       for batch in batches:
         state_r, metrics = p_step(state_r, batch)
         sums = metrics if sums is None else jax.tree.map(lambda a, b: a + b, sums, metrics)
-        n_logged += 1
         step += 1
         bar.update(1)
         if step % run.log_every == 0 or step % spe == 0:
           loss = float(np.asarray(metrics["loss"])[0])
           if not math.isfinite(loss):
             raise NonFiniteLoss(_nan_message(run, epoch, step))
-          done = n_logged * run.batch_size
+          done = (step - epoch * spe - skip) * run.batch_size
           bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{done / max(time.time() - t0, 1e-9):.0f}")
         if run.every_steps and step % run.every_steps == 0 and step % spe:
-          _save(run, state_r, step, epoch, metrics=None)
+          _save(run, state_r, step, epoch, metrics=None,
+                extra={"epoch_sums": {k: float(np.asarray(v)[0]) for k, v in sums.items()}})
     bar.close()
     seconds = time.time() - t0
-    train = {k: float(np.asarray(v)[0]) / max(n_logged, 1) for k, v in sums.items()} if sums else {}
-    if sums is not None and not _finite(train["loss"]):
+    train = {k: float(np.asarray(v)[0]) / spe for k, v in sums.items()}
+    if not math.isfinite(train["loss"]):
       raise NonFiniteLoss(_nan_message(run, epoch, step))
     record = {"stage": run.name, "epoch": epoch + 1, "step": step, "lr": float(run.schedule(step - 1)),
-              "train_loss": train.get("loss"), "train_ce": train.get("ce"), "train_accuracy": train.get("accuracy"),
-              "images_per_s": n_logged * run.batch_size / max(seconds, 1e-9), "epoch_seconds": seconds}
+              "train_loss": train["loss"], "train_ce": train["ce"], "train_accuracy": train["accuracy"],
+              "images_per_s": (spe - skip) * run.batch_size / max(seconds, 1e-9), "epoch_seconds": seconds}
     host = parallel.unreplicate(state_r)
     if host.gates:
       probs = gate_probabilities(host.gates)
@@ -188,9 +194,10 @@ def train_stage(run: StageRun, state, *, start_step: int = 0, p_eval=None) -> tu
       last_eval = evaluate(p_eval, state_r, run.test, run.eval_batch_size, desc=f"{run.name} eval",
                            progress=run.progress)
       record.update({"test_accuracy": last_eval["accuracy"], "test_loss": last_eval["loss"]})
-    _save(run, state_r, step, epoch + 1, metrics={"accuracy": last_eval.get("accuracy", 0.0)} if last_eval else None,
-          done=last_epoch, host=host)
+    # the line goes first: a kill between the two replays the epoch, and resume drops the line
     log.append(record)
+    _save(run, state_r, step, epoch + 1, metrics={"accuracy": last_eval["accuracy"]} if "test_accuracy" in record
+          else None, done=last_epoch, host=host)
     if jax.process_index() == 0 and run.progress:
       acc = f", test acc {record['test_accuracy']:.4f}" if "test_accuracy" in record else ""
       tqdm.write(f"[{run.name}] epoch {epoch + 1}/{run.epochs}: loss {record['train_loss']:.4f}, "
@@ -199,10 +206,10 @@ def train_stage(run: StageRun, state, *, start_step: int = 0, p_eval=None) -> tu
   return host, last_eval
 
 
-def _save(run: StageRun, state_r, step: int, epoch: int, metrics, done: bool = False, host=None):
+def _save(run: StageRun, state_r, step: int, epoch: int, metrics, done: bool = False, host=None, extra=None):
   host = parallel.unreplicate(state_r) if host is None else host
   meta = {**run.meta, "stage": run.name, "epoch": epoch, "step": step, "done": done,
-          "steps_per_epoch": run.steps_per_epoch, "epochs": run.epochs}
+          "steps_per_epoch": run.steps_per_epoch, "epochs": run.epochs, **(extra or {})}
   if metrics:
     meta["accuracy"] = metrics["accuracy"]
   run.checkpoints.save(step, host, meta, metrics=metrics)

@@ -167,7 +167,7 @@ def run_training_stage(ctx: RunContext, stage: str, inp: StageOutput) -> StageOu
     if ctx.progress and jax.process_index() == 0:
       tqdm.write(f"[{stage}] already finished in {ckpt.directory}; reusing it")
   else:
-    state, last = train_stage(run, state, start_step=start)
+    state, last = train_stage(run, state, start_step=start, start_sums=(meta or {}).get("epoch_sums"))
     accuracy = last.get("accuracy")
   ckpt.close()
   return StageOutput(inp.spec, {"params": state.params, "batch_stats": state.batch_stats}, dict(state.gates), accuracy)
