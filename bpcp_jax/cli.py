@@ -144,8 +144,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except NonFiniteLoss as e:
     print(f"bpcp-jax: error: {e}", file=sys.stderr)
     return 3
-  except (ConfigError, DataError, CheckpointError, ValueError, PermissionError, FileNotFoundError) as e:
+  except (ConfigError, DataError, CheckpointError, ValueError) as e:
     print(f"bpcp-jax: error: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:  # unwritable or full work directory, missing files: name the path
+    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+    print(f"bpcp-jax: error: {e.strerror or e}{where}", file=sys.stderr)
     return 2
 
 
