@@ -27,6 +27,10 @@ class CheckpointError(RuntimeError):
   """A checkpoint that cannot be used here: names the directory and what does not fit."""
 
 
+class NonFiniteState(CheckpointError):
+  """A state with NaN or Inf was about to be saved; nothing was written."""
+
+
 def _to_saveable(state) -> dict:
   return jax.tree.map(np.asarray, flax.serialization.to_state_dict(state))
 
@@ -64,7 +68,7 @@ class StageCheckpoints:
     bad = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(tree)
            if np.issubdtype(np.asarray(x).dtype, np.floating) and not np.all(np.isfinite(x))]
     if bad:
-      raise CheckpointError(f"refusing to save a non-finite state in {self.directory} (e.g. {bad[0]})")
+      raise NonFiniteState(f"refusing to save a non-finite state in {self.directory} (e.g. {bad[0]})")
     try:
       self._manager.save(
           step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)),

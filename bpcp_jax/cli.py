@@ -46,6 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     if name == "finetune":
       s.add_argument("--stage", default="finetune_channels", choices=["finetune_blocks", "finetune_channels"])
+  s = sub.add_parser("sweep", help="run every pipeline of a sweep file (experiments/sweeps/*.py), collect results")
+  s.add_argument("--sweep", required=True, help="sweep file defining get_sweep()")
+  s.add_argument("--workdir", required=True, help="sweep directory (runs/<name>/, results.csv, results.md, plots)")
+  s.add_argument("--data", help="image folder or .tar(.gz) archive for every run")
+  s.add_argument("--no-progress", action="store_true", help="no progress bars")
   return p
 
 
@@ -62,6 +67,10 @@ def _run(args, overrides) -> int:
   from bpcp_jax import parallel
 
   parallel.maybe_initialize_distributed()
+  if args.command == "sweep":
+    from bpcp_jax.sweep import run_sweep_command
+
+    return run_sweep_command(args.sweep, args.workdir, overrides, data_path=args.data, progress=not args.no_progress)
   config = _load_config(args, overrides)
   progress = not args.no_progress
   if args.command in SUBCOMMAND_STAGES:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from bpcp_jax import data, parallel
 from bpcp_jax.block_search import gate_probabilities
-from bpcp_jax.checkpoint import StageCheckpoints
+from bpcp_jax.checkpoint import NonFiniteState, StageCheckpoints
 from bpcp_jax.models.structure import group_widths
 
 TIMING_KEYS = ("images_per_s", "epoch_seconds", "time")
@@ -212,7 +212,10 @@ def _save(run: StageRun, state_r, step: int, epoch: int, metrics, done: bool = F
           "steps_per_epoch": run.steps_per_epoch, "epochs": run.epochs, **(extra or {})}
   if metrics:
     meta["accuracy"] = metrics["accuracy"]
-  run.checkpoints.save(step, host, meta, metrics=metrics)
+  try:
+    run.checkpoints.save(step, host, meta, metrics=metrics)
+  except NonFiniteState as e:  # weights went non-finite before the loss showed it
+    raise NonFiniteLoss(_nan_message(run, (step - 1) // run.steps_per_epoch, step) + f" ({e})") from e
 
 
 def _nan_message(run: StageRun, epoch: int, step: int) -> str:

@@ -148,13 +148,12 @@ def run_training_stage(ctx: RunContext, stage: str, inp: StageOutput) -> StageOu
   ckpt, meta = _open_stage(ctx, stage, inp.spec)
   start = 0
   log = MetricsLog(ctx.metrics_path)
+  later = tuple(STAGES[STAGES.index(stage) + 1:])
   if meta is not None:
     state, meta = ckpt.restore(state)
     start = int(meta["step"])
-    later = tuple(STAGES[STAGES.index(stage) + 1:])
-    log.truncate_after(stage, int(meta["epoch"]), later)
-  else:
-    log.truncate_after(stage, 0, tuple(STAGES[STAGES.index(stage) + 1:]))
+  if meta is None or not meta.get("done"):  # this stage (re)trains: its replayed lines and later ones go
+    log.truncate_after(stage, int(meta["epoch"]) if meta else 0, later)
   run = StageRun(
       name=stage, model=model, tx=tx, schedule=schedule, mode=mode, epochs=scfg.epochs, train=ctx.train,
       test=ctx.test, batch_size=config.batch_size, eval_batch_size=config.eval_batch_size, seed=config.seed,
@@ -232,14 +231,15 @@ def run_pipeline(config, workdir: str, *, resume: bool = False, data_path: Optio
     if meta.get("mode") == "search":
       tree, _ = StageCheckpoints(input_dir, read_only=True).restore_raw()
       gates = tree.get("gates") or {}
-    current = StageOutput(net.spec, variables, gates, meta.get("accuracy"))
+    # a searched network's recorded accuracy is under its gates; the dense one is measured anew
+    current = StageOutput(net.spec, variables, gates, None if gates else meta.get("accuracy"))
   else:
     spec = dense_spec(family, depth, config.num_classes)
     model = build_model(config, spec)
     variables = model.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, 32, 32, 3), jnp.float32), train=False)
     current = StageOutput(spec, dict(variables), {}, None)
 
-  dense = None
+  dense = StageOutput(current.spec, current.variables, {}, current.accuracy)  # the network we start from
   history = {}
   for stage in stages:
     if stage == "prune":

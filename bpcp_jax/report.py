@@ -39,8 +39,6 @@ def summarize(ctx, dense, final, history) -> dict[str, Any]:
   from bpcp_jax.pipeline import evaluate_output
 
   cfg = ctx.config
-  if dense is None:
-    dense = final
   dense_acc = dense.accuracy if dense.accuracy is not None else evaluate_output(cfg, dense, ctx.test, ctx.progress)
   final_acc = final.accuracy if final.accuracy is not None else evaluate_output(cfg, final, ctx.test, ctx.progress)
   summary = {

@@ -132,3 +132,23 @@ def test_killed_mid_stage_and_resumed_equals_uninterrupted(tiny_run, tmp_path, c
   got_sum = _json(os.path.join(workdir, "summary.json"))
   assert ref_sum["pruned"]["accuracy"] == got_sum["pruned"]["accuracy"]
   assert ref_sum["pruned"]["spec"] == got_sum["pruned"]["spec"]
+
+
+def test_subcommands_chain_from_checkpoints(tiny_run, tmp_path, cifar_archive):
+  workdir, cache, _ = tiny_run
+  common = ["--config", TINY, "--data", cifar_archive, "--no-progress", f"--config.data.cache_dir={cache}"]
+  bp_dir = str(tmp_path / "bp")
+  code, out = _run(["search-blocks", "--workdir", bp_dir,
+                    "--from", os.path.join(workdir, "checkpoints", "pretrain"), *common])
+  assert code == 0, out
+  assert os.listdir(os.path.join(bp_dir, "checkpoints")) == ["search"]
+  cp_dir = str(tmp_path / "cp")
+  code, out = _run(["prune-channels", "--workdir", cp_dir, "--from", os.path.join(bp_dir, "checkpoints", "search"),
+                    "--config.stages.prune.criterion=l1", *common])
+  assert code == 0, out
+  summary = _json(os.path.join(cp_dir, "summary.json"))
+  assert summary["pruned"]["macs"] < summary["dense"]["macs"]
+  code, out = _run(["profile", "--workdir", workdir, *common])
+  assert code == 0 and "latency_ms_b1" in out, out
+  code, out = _run(["search-blocks", "--workdir", str(tmp_path / "x"), *common])
+  assert code == 2 and "--from" in out
