@@ -7,6 +7,7 @@
   bpcp-jax finetune       --from STAGE_DIR
   bpcp-jax eval           --from STAGE_DIR
   bpcp-jax profile        --from STAGE_DIR [--from STAGE_DIR ...] or --workdir DIR of a finished run
+  bpcp-jax sweep          --sweep experiments/sweeps/FILE.py --workdir DIR
 
 Errors in the input (config keys, data, checkpoints) end with a one-line message naming the
 offending thing and exit status 2; a non-finite loss exits with status 3.
