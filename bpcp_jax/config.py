@@ -65,19 +65,26 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def load_config_file(path: str) -> ml_collections.ConfigDict:
-  """Import ``get_config()`` from a Python config file."""
+def call_python_file(path: str, function: str, error=None):
+  """Import a Python file by path and call its ``function()`` (config and sweep files)."""
+  error = error or ConfigError
+  kind = "config" if function == "get_config" else "sweep"
   if not os.path.isfile(path):
-    raise ConfigError(f"config file not found: {path}")
-  spec = importlib.util.spec_from_file_location(f"bpcp_config_{abs(hash(path))}", path)
+    raise error(f"{kind} file not found: {path}")
+  spec = importlib.util.spec_from_file_location(f"bpcp_{kind}_{abs(hash(path))}", path)
   module = importlib.util.module_from_spec(spec)
   try:
     spec.loader.exec_module(module)
-  except Exception as e:  # a broken config file: say which one
-    raise ConfigError(f"could not load config file {path}: {type(e).__name__}: {e}") from e
-  if not hasattr(module, "get_config"):
-    raise ConfigError(f"config file {path} defines no get_config()")
-  config = module.get_config()
+  except Exception as e:  # a broken file: say which one
+    raise error(f"could not load {kind} file {path}: {type(e).__name__}: {e}") from e
+  if not hasattr(module, function):
+    raise error(f"{kind} file {path} defines no {function}()")
+  return getattr(module, function)()
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """Import ``get_config()`` from a Python config file."""
+  config = call_python_file(path, "get_config")
   check_config(config, where=path)
   return config
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import importlib.util
 import itertools
 import json
 import math
@@ -33,6 +32,8 @@ import os
 import re
 import traceback
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+from bpcp_jax.config import call_python_file
 
 SWEEP_KEYS = ("base", "grid", "runs", "overrides")
 MANIFEST = "sweep.json"
@@ -56,17 +57,7 @@ def repo_root() -> str:
 
 def load_sweep(path: str) -> dict[str, Any]:
   """Import ``get_sweep()`` from ``path``, check it and resolve ``base`` to an existing file."""
-  if not os.path.isfile(path):
-    raise SweepError(f"sweep file not found: {path}")
-  spec = importlib.util.spec_from_file_location(f"bpcp_sweep_{abs(hash(path))}", path)
-  module = importlib.util.module_from_spec(spec)
-  try:
-    spec.loader.exec_module(module)
-  except Exception as e:  # a broken sweep file: say which one
-    raise SweepError(f"could not load sweep file {path}: {type(e).__name__}: {e}") from e
-  if not hasattr(module, "get_sweep"):
-    raise SweepError(f"sweep file {path} defines no get_sweep()")
-  sweep = module.get_sweep()
+  sweep = call_python_file(path, "get_sweep", SweepError)
   if not isinstance(sweep, Mapping):
     raise SweepError(f"get_sweep() in {path} must return a dict, got {type(sweep).__name__}")
   unknown = [k for k in sweep if k not in SWEEP_KEYS]
