@@ -1,7 +1,7 @@
-"""The CPU protocol: dense, BP, CP, BPCP and a random control on real CIFAR-10, ~1 hour on 2 cores.
+"""The CPU protocol: dense, BP, CP, BPCP and a random control on real CIFAR-10, well under 90 minutes on 2 cores.
 
 A reduced budget of the paper's recipe for machines without an accelerator: ResNet-v2-20 (the
-paper's pre-activation bottleneck family at n=2, 6 blocks) on 25,000 training images (2,500 per
+paper's pre-activation bottleneck family at n=2, 6 blocks) on 20,000 training images (2,000 per
 class), evaluated on all 10,000 test images; cosine schedules; short stages. All five rows
 start from the same dense network, so the comparison is between pruning choices, not between
 pretraining runs. The channel rows prune to an equal MACs budget (50% of the MACs), so CP
@@ -23,24 +23,24 @@ from bpcp_jax.config import default_config
 def get_config():
   c = default_config()
   c.model = "resnet_v2_20"
-  c.data.max_train_per_class = 2500
+  c.data.max_train_per_class = 2000
   c.batch_size = 128
   c.eval_batch_size = 500
   c.optim.schedule = "cosine"
-  c.stages.pretrain.epochs = 10
+  c.stages.pretrain.epochs = 8
   c.stages.pretrain.lr = 0.1
   c.stages.pretrain.bn_l1 = 1e-4
-  c.stages.search.epochs = 3
+  c.stages.search.epochs = 2
   c.stages.search.lr = 0.02
   c.stages.search.gamma = 0.05
   c.optim.gate_lr = 0.1
-  c.stages.finetune_blocks.epochs = 3
+  c.stages.finetune_blocks.epochs = 2
   c.stages.finetune_blocks.lr = 0.02
   c.stages.prune.criterion = "bn_scale"
   c.stages.prune.target = "macs"
   c.stages.prune.ratio = 0.5
   c.stages.prune.round_to = 4
-  c.stages.finetune_channels.epochs = 3
+  c.stages.finetune_channels.epochs = 2
   c.stages.finetune_channels.lr = 0.02
   c.eval_every_epochs = 0
   c.checkpoint.every_steps = 50
