@@ -1,0 +1,140 @@
+"""Inference speed-up of materialized networks over the dense one, beside their MACs ratio.
+
+For ResNet-v2-56 and several compressions (blocks removed, channels removed with widths rounded
+to multiples of 8, both together up to the paper's ~80% of MACs), the masks are turned into a
+smaller ordinary network by ``bp.materialize`` and timed with a jitted eval-mode apply: batch-1
+latency (median of many calls) and batch-128 throughput. Dense and pruned networks are timed in
+interleaved rounds in one process; the speed-up is divided by the MACs ratio to show how much
+of the removed arithmetic became time.
+
+    python -m benchmarks.inference_speedup --json benchmarks/results/inference_speedup.json
+"""
+
+from __future__ import annotations
+
+import sys
+
+from benchmarks import common
+
+common.maybe_tune_allocator(sys.argv)
+
+import argparse  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import bpcp_jax as bp  # noqa: E402
+from bpcp_jax.channel_prune import prune_channels  # noqa: E402
+
+PAPER_SPEEDUP = 3.17  # BPCP's batch-1 CPU speed-up at -80.3% MACs
+PAPER_MACS_CUT = 0.803
+
+
+def remove_blocks(model, n_remove: int) -> dict:
+  """Masks removing ``n_remove`` blocks, spread over the stages, never a stage's entry block,
+  the deepest first (a stand-in for a search result; only the count matters for speed)."""
+  masks = bp.init_masks(model)
+  per_stage = [[n for n in masks["blocks"] if n.startswith(f"stage{s}_") and not n.endswith("_block0")]
+               for s in range(len(model.spec.stages))]
+  order = []
+  for i in range(max(len(p) for p in per_stage)):
+    for p in per_stage:
+      if i < len(p):
+        order.append(p[-1 - i])
+  for name in order[:n_remove]:
+    masks["blocks"][name] = jnp.asarray(-1.0, jnp.float32)
+  return masks
+
+
+def compressions(model, variables, quick: bool):
+  """(name, masks) pairs: blocks only, channels only, blocks + channels at and past the paper."""
+  n_blocks = model.spec.num_blocks
+  n_rm = max(1, round(n_blocks * 10 / 18))  # 10 of ResNet-v2-56's 18 blocks
+  dense_macs = bp.count_params_macs(model)["macs"]
+  blocks = remove_blocks(model, n_rm)
+  out = [(f"{n_rm} of {n_blocks} blocks", blocks)]
+  ch, _ = prune_channels(model, variables, 0.5, "l1", target="macs", round_to=8)
+  out.append(("channels -50% MACs (x8)", ch))
+  if quick:
+    return out
+  # channel cut on top of the block cut that lands the whole network at the paper's -80.3% MACs
+  left = bp.count_params_macs(bp.pruned_spec(model.spec, blocks))["macs"] / dense_macs
+  for total_cut in (PAPER_MACS_CUT, 0.85):
+    ratio = 1.0 - (1.0 - total_cut) / left
+    m, _ = prune_channels(model, variables, ratio, "l1", masks=blocks, target="macs", round_to=8)
+    out.append((f"{n_rm} blocks + channels (x8), -{100 * total_cut:.0f}% MACs", m))
+  return out
+
+
+def main(argv=None) -> dict:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  common.add_common_args(p)
+  p.add_argument("--model", default="resnet_v2_56")
+  p.add_argument("--batch", type=int, default=128, help="the large batch (batch 1 is always timed)")
+  p.add_argument("--calls", type=int, default=100, help="batch-1 calls per round")
+  p.add_argument("--large-calls", type=int, default=5, help="large-batch calls per round")
+  args = p.parse_args(argv)
+  if args.quick:
+    args.model, args.batch, args.calls, args.large_calls, args.repeats = "resnet_v2_20", 8, 5, 1, 1
+
+  model = bp.create_model(args.model)
+  key = jax.random.PRNGKey(0)
+  variables = common.fast_init(model)  # random kernels: l1 scores differ between channels
+  nets = [("dense", model, variables, None)]
+  for name, masks in compressions(model, variables, args.quick):
+    small, small_vars = bp.materialize(model, variables, masks)
+    nets.append((name, small, small_vars, masks))
+
+  x1 = jax.random.normal(key, (1, 32, 32, 3))
+  xb = jax.random.normal(key, (args.batch, 32, 32, 3))
+  fns = []
+  for name, net, v, _ in nets:
+    apply = jax.jit(lambda v, x, net=net: net.apply(v, x, train=False))
+    common.block(apply(v, x1))
+    common.block(apply(v, xb))
+    fns.append(apply)
+  lat = {n[0]: [] for n in nets}
+  thr = {n[0]: [] for n in nets}
+  for _ in range(args.repeats):  # interleaved rounds: every network sees the same conditions
+    for (name, _, v, _), apply in zip(nets, fns):
+      lat[name].append(common.median([common.timed(lambda: apply(v, x1)) for _ in range(args.calls)]))
+      thr[name].append(args.batch * args.large_calls
+                       / sum(common.timed(lambda: apply(v, xb)) for _ in range(args.large_calls)))
+
+  dense_macs = bp.count_params_macs(model)["macs"]
+  dense_params = bp.count_params_macs(model)["params"]
+  base_lat, base_thr = common.median(lat["dense"]), common.median(thr["dense"])
+  rows, nets_out = [], []
+  for name, net, v, _ in nets:
+    c = bp.count_params_macs(net)
+    macs_ratio = dense_macs / c["macs"]
+    l1, tb = common.median(lat[name]), common.median(thr[name])
+    s1, sb = base_lat / l1, tb / base_thr
+    rec = {"name": name, "blocks": net.spec.num_blocks, "params": c["params"], "macs": c["macs"],
+           "params_cut": 1 - c["params"] / dense_params, "macs_cut": 1 - c["macs"] / dense_macs,
+           "macs_ratio": macs_ratio, "batch1_latency_ms": 1000 * l1, "batch1_speedup": s1,
+           "batch1_speedup_over_macs_ratio": s1 / macs_ratio,
+           f"batch{args.batch}_images_per_s": tb, "large_batch_images_per_s": tb,
+           "large_batch_speedup": sb, "large_batch_speedup_over_macs_ratio": sb / macs_ratio,
+           "batch1_latency_ms_rounds": [1000 * t for t in lat[name]], "large_batch_images_per_s_rounds": thr[name]}
+    nets_out.append(rec)
+    rows.append([name, net.spec.num_blocks, f"{100 * rec['macs_cut']:.1f}%", f"{macs_ratio:.2f}x",
+                 f"{1000 * l1:.2f}", f"{s1:.2f}x", f"{s1 / macs_ratio:.2f}", f"{tb:.0f}", f"{sb:.2f}x",
+                 f"{sb / macs_ratio:.2f}"])
+  results = {"model": args.model, "large_batch": args.batch, "repeats": args.repeats, "calls": args.calls,
+             "large_calls": args.large_calls, "networks": nets_out,
+             "dense_batch1_latency_ms": 1000 * base_lat, "dense_large_batch_images_per_s": base_thr,
+             "paper_speedup": PAPER_SPEEDUP}
+  table = common.markdown_table(
+      ["network", "blocks", "MACs cut", "MACs ratio", "batch-1 ms", "batch-1 speed-up", "/ MACs ratio",
+       f"batch-{args.batch} img/s", f"batch-{args.batch} speed-up", "/ MACs ratio"], rows)
+  table += (f"\n\nBatch-1 latency: median of {args.calls} calls per round, median of {args.repeats} rounds; "
+            f"batch-{args.batch}: {args.large_calls} calls per round. The paper's BPCP: -80.3% MACs, "
+            f"{PAPER_SPEEDUP}x at batch 1 on its CPU.")
+  common.write_outputs("inference_speedup", args, results, table)
+  return results
+
+
+if __name__ == "__main__":
+  main()

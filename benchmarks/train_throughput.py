@@ -1,0 +1,192 @@
+"""Training-step throughput: dense, BP search and masked fine-tune steps, side by side.
+
+Times the step functions the training loop runs (``parallel.parallel_train_step``: pmap over the
+local devices, old state donated, augmentation inside the step) on uint8 batches already on the
+device, and the same ``steps.train_step`` under ``jax.jit`` for comparison. The modes are timed
+in interleaved rounds in one process, so their ratio is measured under the same conditions.
+Compile time is the first call minus a steady step. Peak memory is the maximum resident size of
+a fresh process that compiles and runs one mode (``--peak-memory``).
+
+    python -m benchmarks.train_throughput --json benchmarks/results/train_throughput.json
+"""
+
+from __future__ import annotations
+
+import sys
+
+from benchmarks import common
+
+common.maybe_tune_allocator(sys.argv)  # before jax starts its threads
+
+import argparse  # noqa: E402
+import functools  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import bpcp_jax as bp  # noqa: E402
+from bpcp_jax import optim, parallel, steps  # noqa: E402
+from bpcp_jax.channel_prune import prune_channels  # noqa: E402
+
+MODES = ("dense", "search", "masked")
+# PyTorch reference figures measured on the same machine (shared/reference/SPEED-NOTES.md)
+TORCH_REFERENCE = {"dense": 86.0, "search": 59.0}
+TORCH_CHANNELS_LAST = {"dense": 113.0, "search": 78.0}
+
+
+def build(mode: str, model_name: str, batch: int, seed: int = 0):
+  """(model, tx, host state, host batch) for one step kind, as the pipeline builds them."""
+  model = bp.create_model(model_name, bn_axis_name=parallel.AXIS)
+  variables = common.fast_init(model, seed)
+  tx = optim.make_optimizer(0.1)
+  gates, channels = None, None
+  if mode in ("search", "masked"):
+    gates = bp.init_masks(model)["blocks"]
+  if mode == "masked":  # fine-tuning under fixed masks: half of the MACs' channels masked, widths by 8
+    masks, _ = prune_channels(model, variables, 0.5, "l1", target="macs", round_to=8)
+    channels = masks["channels"]
+  state = steps.create_train_state(variables, tx, jax.random.PRNGKey(seed + 1), gates=gates,
+                                   channel_masks=channels)
+  rng = np.random.default_rng(seed)
+  host_batch = {"image": rng.integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8),
+                "label": rng.integers(0, 10, (batch,), dtype=np.int32)}
+  return model, tx, state, host_batch
+
+
+def make_runner(mode: str, wrapper: str, model_name: str, batch: int):
+  """A closure running one step (state kept inside), with its first-call time."""
+  model, tx, state, host_batch = build(mode, model_name, batch)
+  if wrapper == "pmap":
+    fn = parallel.parallel_train_step(model, tx, mode=mode, gamma=0.05)
+    box = {"state": parallel.replicate(state)}
+    dev_batch = parallel.shard_batch(host_batch)
+  else:  # one device, plain jit; BN statistics are local (no mapped axis)
+    model = model.clone(bn_axis_name=None)
+    fn = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, mode=mode, gamma=0.05),
+                 donate_argnums=(0,))
+    box = {"state": jax.device_put(state)}
+    dev_batch = jax.device_put(host_batch)
+
+  def run():
+    box["state"], metrics = fn(box["state"], dev_batch)
+    return metrics
+
+  first = common.timed(run)
+  return run, first
+
+
+def peak_memory_child(mode: str, model_name: str, batch: int, tune_malloc: bool) -> float:
+  """Max RSS (GiB) of a fresh process that builds, compiles and runs 10 steps of ``mode``."""
+  cmd = [sys.executable, "-m", "benchmarks.train_throughput", "--_child", mode, "--model", model_name,
+         "--batch", str(batch), "--steps", "5", "--repeats", "2"] + (["--tune-malloc"] if tune_malloc else [])
+  out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=_repo_root())
+  return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_gib"])
+
+
+def throughput_child(mode: str, model_name: str, batch: int, steps_: int, repeats: int,
+                     tune_malloc: bool) -> float:
+  cmd = [sys.executable, "-m", "benchmarks.train_throughput", "--_child", mode, "--model", model_name,
+         "--batch", str(batch), "--steps", str(steps_), "--repeats", str(repeats)]
+  cmd += ["--tune-malloc"] if tune_malloc else []
+  out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=_repo_root())
+  return float(json.loads(out.stdout.strip().splitlines()[-1])["images_per_s"])
+
+
+def _repo_root():
+  return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def child_main(args) -> None:
+  run, _ = make_runner(args._child, "pmap", args.model, args.batch)
+  times = [sum(common.timed(run) for _ in range(args.steps)) / args.steps for _ in range(args.repeats)]
+  print(json.dumps({"peak_rss_gib": common.peak_rss_gib(), "images_per_s": args.batch / common.median(times)}))
+
+
+def main(argv=None) -> dict:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  common.add_common_args(p)
+  p.add_argument("--model", default="resnet_v2_56")
+  p.add_argument("--batch", type=int, default=128)
+  p.add_argument("--steps", type=int, default=3, help="steps per timed round")
+  p.add_argument("--modes", default=",".join(MODES))
+  p.add_argument("--wrappers", default="pmap,jit", help="pmap (what the loop runs) and/or jit")
+  p.add_argument("--peak-memory", action="store_true", help="max RSS of a fresh process per mode")
+  p.add_argument("--compare-malloc", action="store_true",
+                 help="also time the dense and search steps in a child process with --tune-malloc")
+  p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  if args._child:
+    child_main(args)
+    return {}
+  if args.quick:
+    args.model, args.batch, args.steps, args.repeats = "resnet_v2_11", 8, 1, 1
+    args.wrappers = "pmap"
+  modes = [m for m in args.modes.split(",") if m]
+  wrappers = [w for w in args.wrappers.split(",") if w]
+  if args.batch % jax.local_device_count():
+    raise SystemExit(f"--batch {args.batch} must divide over {jax.local_device_count()} devices")
+
+  runners, first = {}, {}
+  for w in wrappers:
+    for m in modes:
+      runners[(m, w)], first[(m, w)] = make_runner(m, w, args.model, args.batch)
+  times = {k: [] for k in runners}
+  for _ in range(args.repeats):  # rounds interleaved over every (mode, wrapper)
+    for k, run in runners.items():
+      times[k].append(sum(common.timed(run) for _ in range(args.steps)) / args.steps)
+
+  results: dict = {"model": args.model, "batch": args.batch, "steps_per_round": args.steps,
+                   "repeats": args.repeats, "devices": jax.local_device_count(), "step_times_s": {}}
+  rows = []
+  for (m, w), ts in times.items():
+    step = common.median(ts)
+    suffix = "" if w == "pmap" else "_jit"
+    results[f"{m}_step{suffix}_images_per_s"] = args.batch / step
+    results[f"{m}_step{suffix}_compile_s"] = max(first[(m, w)] - step, 0.0)
+    results["step_times_s"][f"{m}_{w}"] = ts
+  for w in wrappers:
+    suffix = "" if w == "pmap" else "_jit"
+    if "dense" in modes and "search" in modes:
+      results[f"search_over_dense{suffix}"] = (results[f"search_step{suffix}_images_per_s"]
+                                               / results[f"dense_step{suffix}_images_per_s"])
+  if args.peak_memory:
+    for m in modes:
+      results[f"{m}_peak_rss_gib"] = peak_memory_child(m, args.model, args.batch, args.tune_malloc)
+  else:
+    results["process_peak_rss_gib"] = common.peak_rss_gib()
+  if args.compare_malloc:
+    for m in ("dense", "search"):
+      results[f"{m}_step_images_per_s_tuned_malloc"] = throughput_child(
+          m, args.model, args.batch, args.steps, args.repeats, tune_malloc=True)
+
+  for (m, w) in runners:
+    suffix = "" if w == "pmap" else "_jit"
+    ips = results[f"{m}_step{suffix}_images_per_s"]
+    torch = TORCH_REFERENCE.get(m)
+    rows.append([m, w, ips, 1000 * args.batch / ips, results[f"{m}_step{suffix}_compile_s"],
+                 results.get(f"{m}_peak_rss_gib", float("nan")) if w == "pmap" else float("nan"),
+                 f"{ips / torch:.2f}x" if torch and args.model == "resnet_v2_56" and args.batch == 128 else "-"])
+  table = common.markdown_table(
+      ["step", "wrapper", "images/s", "ms/step", "compile s", "peak RSS GiB", "vs PyTorch eager"], rows)
+  extra = []
+  for w in wrappers:
+    suffix = "" if w == "pmap" else "_jit"
+    if f"search_over_dense{suffix}" in results:
+      extra.append(f"search / dense ({w}): {results[f'search_over_dense{suffix}']:.2f}")
+  for m in ("dense", "search"):
+    if f"{m}_step_images_per_s_tuned_malloc" in results:
+      extra.append(f"{m} step (pmap) with --tune-malloc, child process: "
+                   f"{results[f'{m}_step_images_per_s_tuned_malloc']:.1f} images/s")
+  if extra:
+    table += "\n\n" + "\n".join(f"- {e}" for e in extra)
+  common.write_outputs("train_throughput", args, results, table)
+  return results
+
+
+if __name__ == "__main__":
+  main()
