@@ -229,7 +229,9 @@ def run_pipeline(config, workdir: str, *, resume: bool = False, data_path: Optio
     net, variables, meta = load_network(input_dir)
     gates = {}
     if meta.get("mode") == "search":
-      tree, _ = StageCheckpoints(input_dir, read_only=True).restore_raw()
+      ckpt = StageCheckpoints(input_dir, read_only=True)
+      tree, _ = ckpt.restore_raw()
+      ckpt.close()
       gates = tree.get("gates") or {}
     # a searched network's recorded accuracy is under its gates; the dense one is measured anew
     current = StageOutput(net.spec, variables, gates, None if gates else meta.get("accuracy"))
