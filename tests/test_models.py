@@ -96,3 +96,56 @@ def test_jit_and_plain_agree():
   jitted = jax.jit(lambda v, x, m: model.apply(v, x, train=False, masks=m))(v, x, masks)
   np.testing.assert_allclose(plain, jitted, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(plain, model.apply(v, x, train=False), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_fused_batchnorm_matches_flax(relu):
+  from bpcp_jax.models.layers import BatchNorm
+  import flax.linen as nn
+
+  x = jax.random.normal(jax.random.key(0), (8, 5, 5, 6)) * 3 + 1
+  ours, ref = BatchNorm(use_running_average=False, relu=relu), nn.BatchNorm(use_running_average=False, momentum=0.9,
+                                                                             epsilon=1e-5)
+  v = ref.init(jax.random.key(1), x)
+  v = {"params": {"scale": jnp.linspace(0.5, 1.5, 6), "bias": jnp.linspace(-1, 1, 6)}, "batch_stats": v["batch_stats"]}
+  cot = jax.random.normal(jax.random.key(2), x.shape)
+
+  def loss(mod, post):
+    def f(params, x):
+      y, upd = mod.apply({"params": params, "batch_stats": v["batch_stats"]}, x, mutable=["batch_stats"])
+      return jnp.sum(post(y) * cot), upd
+    return f
+
+  (l1, u1), g1 = jax.value_and_grad(loss(ours, lambda y: y), argnums=(0, 1), has_aux=True)(v["params"], x)
+  post = nn.relu if relu else (lambda y: y)
+  (l2, u2), g2 = jax.value_and_grad(loss(ref, post), argnums=(0, 1), has_aux=True)(v["params"], x)
+  np.testing.assert_allclose(l1, l2, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves((g1, u1)), jax.tree.leaves((g2, u2))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  eval_ours = ours.clone(use_running_average=True).apply({"params": v["params"], **u1}, x)
+  eval_ref = post(ref.clone(use_running_average=True).apply({"params": v["params"], **u2}, x))
+  np.testing.assert_allclose(eval_ours, eval_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_batchnorm_across_devices_matches_one_batch():
+  from bpcp_jax.models.layers import BatchNorm
+
+  n = jax.local_device_count()
+  x = jax.random.normal(jax.random.key(0), (4 * n, 3, 3, 5))
+  cot = jax.random.normal(jax.random.key(1), x.shape)
+  params = {"scale": jnp.linspace(0.5, 1.5, 5), "bias": jnp.linspace(-1, 1, 5)}
+  stats = {"mean": jnp.zeros(5), "var": jnp.ones(5)}
+
+  def grads(mod, params, x, cot, axis=None):
+    def f(p, x):
+      y, _ = mod.apply({"params": p, "batch_stats": stats}, x, mutable=["batch_stats"])
+      return jnp.sum(y * cot)
+    g = jax.grad(f, argnums=(0, 1))(params, x)
+    return g if axis is None else (jax.lax.psum(g[0], axis), g[1])
+
+  one = grads(BatchNorm(use_running_average=False, relu=True), params, x, cot)
+  mapped = jax.pmap(lambda p, x, c: grads(BatchNorm(use_running_average=False, relu=True, axis_name="i"), p, x, c, "i"),
+                    axis_name="i", in_axes=(None, 0, 0))(params, x.reshape(n, 4, 3, 3, 5), cot.reshape(n, 4, 3, 3, 5))
+  np.testing.assert_allclose(mapped[1].reshape(x.shape), one[1], rtol=1e-4, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(mapped[0]), jax.tree.leaves(one[0])):
+    np.testing.assert_allclose(a[0], b, rtol=1e-4, atol=1e-5)

@@ -80,11 +80,12 @@ class ResNet(nn.Module):
           name=name,
       )(h)
 
-    def bn(name, h):
-      return nn.BatchNorm(
+    def bn(name, h, relu=False):
+      return L.BatchNorm(
           use_running_average=not train,
           momentum=0.9,
           epsilon=1e-5,
+          relu=relu,
           dtype=self.dtype,
           scale_init=L.bn_scale_init(self.init_style),
           axis_name=self.bn_axis_name if train else None,
@@ -109,7 +110,7 @@ class ResNet(nn.Module):
     x = x.astype(self.dtype)
     x = conv("stem_conv", x)
     if not v2:
-      x = relu(bn("stem_bn", x))
+      x = bn("stem_bn", x, relu=True)
 
     for si, stage in enumerate(spec.stages):
       shortcut = None
@@ -124,22 +125,22 @@ class ResNet(nn.Module):
         name = block_name(si, b.index)
         residual = shortcut if (b.index == 0 and shortcut is not None) else x
         if v2:
-          h = conv(f"{name}_conv1", relu(bn(f"{name}_bn1", x)))
-          h = conv(f"{name}_conv2", relu(bn(f"{name}_bn2", h)))
-          h = conv(f"{name}_conv3", relu(bn(f"{name}_bn3", h)))
+          h = conv(f"{name}_conv1", bn(f"{name}_bn1", x, relu=True))
+          h = conv(f"{name}_conv2", bn(f"{name}_bn2", h, relu=True))
+          h = conv(f"{name}_conv3", bn(f"{name}_bn3", h, relu=True))
           x = gated(name, residual, h)
         elif spec.family == "resnet_v1_bottleneck":
-          h = relu(bn(f"{name}_bn1", conv(f"{name}_conv1", x)))
-          h = relu(bn(f"{name}_bn2", conv(f"{name}_conv2", h)))
+          h = bn(f"{name}_bn1", conv(f"{name}_conv1", x), relu=True)
+          h = bn(f"{name}_bn2", conv(f"{name}_conv2", h), relu=True)
           h = bn(f"{name}_bn3", conv(f"{name}_conv3", h))
           x = relu(gated(name, residual, h))
         else:
-          h = relu(bn(f"{name}_bn1", conv(f"{name}_conv1", x)))
+          h = bn(f"{name}_bn1", conv(f"{name}_conv1", x), relu=True)
           h = bn(f"{name}_bn2", conv(f"{name}_conv2", h))
           x = relu(gated(name, residual, h))
 
     if v2:
-      x = relu(bn("head_bn", x))
+      x = bn("head_bn", x, relu=True)
     x = jnp.mean(x, axis=(1, 2))
     fc = table["head_fc"]
     kernel_init, bias_init = L.dense_inits(self.init_style, fc.in_channels)
