@@ -32,7 +32,7 @@ def get_config():
   c.stages.pretrain.bn_l1 = 1e-4
   c.stages.search.epochs = 2
   c.stages.search.lr = 0.02
-  c.stages.search.gamma = 0.05
+  c.stages.search.gamma = 0.1  # 0.05 (the paper, 160 search epochs) kept every block in 2 epochs
   c.optim.gate_lr = 0.1
   c.stages.finetune_blocks.epochs = 2
   c.stages.finetune_blocks.lr = 0.02
