@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bpcp_jax.counting import count_params_macs
-from bpcp_jax.masks import kept_blocks, live_groups, pruned_spec
+from bpcp_jax.masks import init_masks, kept_blocks, live_groups, pruned_spec
 from bpcp_jax.models.resnet import ResNet
 from bpcp_jax.models.structure import layer_table
 
@@ -71,8 +71,6 @@ def channel_importance(
     raise ValueError(f"unknown channel criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
   if reduce not in REDUCTIONS:
     raise ValueError(f"unknown group reduction {reduce!r}; choose from {', '.join(REDUCTIONS)}")
-  from bpcp_jax.masks import init_masks
-
   spec = model.spec
   masks = init_masks(spec) if masks is None else masks
   groups = live_groups(spec, masks)
@@ -126,8 +124,6 @@ def select_channels(
   once) for ``target="channels"``, of the network's MACs for ``target="macs"``. The report has
   one row per group: width before, kept, and whether ``min_channels`` saved it from emptying.
   """
-  from bpcp_jax.masks import init_masks
-
   if not 0.0 <= prune_ratio < 1.0:
     raise ValueError(f"prune_ratio must be in [0, 1), got {prune_ratio}")
   if target not in TARGETS:

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional
 
 import optax
 
-from bpcp_jax.masks import check_masks, kept_indices, pruned_spec
+from bpcp_jax.masks import check_masks, init_masks, kept_indices, pruned_spec
 from bpcp_jax.models.resnet import ResNet
 from bpcp_jax.models.structure import layer_table
 
@@ -107,8 +107,6 @@ def _filter_block_trees(state, all_blocks, kept):
 
 def materialize_masks(model: ResNet, masks: Mapping[str, Any]) -> dict[str, Any]:
   """The kept blocks' logits carried over to the materialized network, all channels kept."""
-  from bpcp_jax.masks import init_masks
-
   small = init_masks(pruned_spec(model.spec, masks))
   small["blocks"] = {k: masks["blocks"][k] for k in small["blocks"]}
   return small

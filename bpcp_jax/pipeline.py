@@ -222,7 +222,6 @@ def run_pipeline(config, workdir: str, *, resume: bool = False, data_path: Optio
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(config.to_dict(), f, indent=2, sort_keys=True)
 
-  family, depth = parse_model_name(config.model)
   if input_dir:
     from bpcp_jax.checkpoint import load_network
 
@@ -236,7 +235,7 @@ def run_pipeline(config, workdir: str, *, resume: bool = False, data_path: Optio
     # a searched network's recorded accuracy is under its gates; the dense one is measured anew
     current = StageOutput(net.spec, variables, gates, None if gates else meta.get("accuracy"))
   else:
-    spec = dense_spec(family, depth, config.num_classes)
+    spec = dense_spec(*parse_model_name(config.model), config.num_classes)
     model = build_model(config, spec)
     variables = model.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, 32, 32, 3), jnp.float32), train=False)
     current = StageOutput(spec, dict(variables), {}, None)
