@@ -15,6 +15,16 @@ from bpcp_jax.counting import count_leaves, count_params_macs, layer_report
 from bpcp_jax.masks import check_masks, init_masks, kept_blocks, pruned_spec
 from bpcp_jax.materialize import materialize, materialize_masks
 from bpcp_jax.models import ResNet, group_widths, layer_table
+from bpcp_jax.traced_network import (
+    PrunedNetwork,
+    TracedNetwork,
+    check_traced_masks,
+    count_traced,
+    init_traced_masks,
+    masked_apply,
+    materialize_traced,
+    trace_network,
+)
 from bpcp_jax.spec import FAMILIES, ArchSpec, BlockSpec, StageSpec, dense_spec, parse_model_name
 
 __version__ = "0.1.0"
@@ -36,7 +46,9 @@ def model_from_spec(spec: ArchSpec, **module_kwargs) -> ResNet:
 
 
 __all__ = [
-    "ArchSpec", "BlockSpec", "FAMILIES", "ResNet", "StageSpec",
+    "ArchSpec", "BlockSpec", "FAMILIES", "PrunedNetwork", "ResNet", "StageSpec", "TracedNetwork",
+    "check_traced_masks", "count_traced", "init_traced_masks", "masked_apply", "materialize_traced",
+    "trace_network",
     "check_masks", "count_leaves", "count_params_macs", "create_model", "decide_blocks", "dense_spec",
     "gate_penalty", "gate_probabilities", "group_widths", "hard_gates", "init_masks", "kept_blocks",
     "layer_report", "layer_table", "materialize", "materialize_masks", "model_from_spec",
