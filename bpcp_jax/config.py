@@ -55,7 +55,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.stages.finetune_blocks = ml_collections.ConfigDict({"epochs": 160, "lr": 0.1})
   c.stages.prune = ml_collections.ConfigDict({
       "criterion": "bn_scale", "ratio": 0.4, "target": "channels", "reduce": "max", "scope": "global",
-      "round_to": 1, "min_channels": 1})
+      "round_to": 1, "min_channels": 1,
+      # "criterion": rank channels by the criterion alone; "speed": choose blocks and channels by
+      # importance per unit of cost (speed_select.py), cost "macs" or measured "latency" at
+      # latency_batch; latency_ms > 0 replaces the ratio by a measured latency budget
+      "selection": "criterion", "cost": "latency", "latency_batch": 1, "latency_ms": 0.0, "blocks": True})
   c.stages.finetune_channels = ml_collections.ConfigDict({"epochs": 160, "lr": 0.1})
 
   c.checkpoint = ml_collections.ConfigDict({"keep": 3, "every_steps": 0})

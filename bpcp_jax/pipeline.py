@@ -88,6 +88,17 @@ def check_run_config(config) -> None:
                             ("target", p.target, TARGETS), ("scope", p.scope, SCOPES)):
     if value not in valid:
       raise ValueError(f"config key 'stages.prune.{key}' = {value!r} is not one of {', '.join(valid)}")
+  if p.selection not in ("criterion", "speed"):
+    raise ValueError(f"config key 'stages.prune.selection' = {p.selection!r} is not one of criterion, speed")
+  if p.selection == "speed":
+    if p.cost not in ("macs", "latency"):
+      raise ValueError(f"config key 'stages.prune.cost' = {p.cost!r} is not one of macs, latency")
+    if p.latency_batch < 1:
+      raise ValueError(f"config key 'stages.prune.latency_batch' must be >= 1, got {p.latency_batch}")
+    if p.latency_ms < 0 or (p.latency_ms > 0 and p.cost != "latency"):
+      raise ValueError(f"config key 'stages.prune.latency_ms' = {p.latency_ms} needs cost 'latency' and must be >= 0")
+    if p.latency_ms == 0 and p.target != "macs":
+      raise ValueError("config key 'stages.prune.target' must be 'macs' for speed selection without a latency budget")
   if config.stages.search.gamma < 0:
     raise ValueError(f"config key 'stages.search.gamma' must be >= 0, got {config.stages.search.gamma}")
   for s in TRAINING_STAGES:
@@ -190,20 +201,43 @@ def run_prune_stage(ctx: RunContext, inp: StageOutput) -> StageOutput:
     ckpt.close()
     small_spec = ArchSpec.from_dict(meta["pruned_spec"])
     return StageOutput(small_spec, {"params": tree["params"], "batch_stats": tree["batch_stats"]}, {}, None)
-  masks, report = prune_channels(model, inp.variables, p.ratio, p.criterion, reduce=p.reduce, target=p.target,
-                                 scope=p.scope, round_to=p.round_to, min_channels=p.min_channels,
-                                 key=jax.random.PRNGKey(config.seed))
+  key = jax.random.PRNGKey(config.seed)
+  selection = None
+  if p.selection == "speed":
+    from bpcp_jax.speed_select import select_resnet
+
+    target = {"latency_budget_ms": p.latency_ms} if p.latency_ms > 0 else {"macs_fraction": 1.0 - p.ratio}
+    masks, report, selection = select_resnet(
+        model, inp.variables, criterion=p.criterion, reduce=p.reduce, key=key, cost=p.cost, batch=p.latency_batch,
+        round_to=p.round_to, min_channels=p.min_channels, prune_blocks=p.blocks, progress=ctx.progress, **target)
+  else:
+    masks, report = prune_channels(model, inp.variables, p.ratio, p.criterion, reduce=p.reduce, target=p.target,
+                                   scope=p.scope, round_to=p.round_to, min_channels=p.min_channels, key=key)
   small, small_vars = materialize(model, inp.variables, masks)
   tx = make_optimizer(0.0)
   state = steps.create_train_state(small_vars, tx, _stage_key(config, "prune"))
   # the checkpoint's spec is the pruned one: the next stage restores from it alone
   ckpt.save(0, state, {"spec": small.spec.to_dict(), "pruned_spec": small.spec.to_dict(), "input_spec": inp.spec.to_dict(),
-                       "stage": "prune", "epoch": 0, "step": 0, "done": True, "report": report})
+                       "stage": "prune", "epoch": 0, "step": 0, "done": True, "report": report,
+                       "speed_selection": None if selection is None else {
+                           "macs": selection.macs, "dense_macs": selection.dense_macs,
+                           "measured_ms": selection.measured_ms, "actions": [h["action"] for h in selection.history]}})
   ckpt.close()
   if jax.process_index() == 0:
     with open(os.path.join(ctx.workdir, "prune_report.md"), "w") as f:
       f.write(f"# Channel selection: {p.criterion}, ratio {p.ratio} of {p.target}\n\n{format_report(report)}\n")
+      if selection is not None:
+        f.write(_speed_report(p, selection))
   return StageOutput(small.spec, small_vars, {}, None)
+
+
+def _speed_report(p, selection) -> str:
+  lines = [f"\n## Speed-aware selection: cost {p.cost} at batch {p.latency_batch}, round_to {p.round_to}\n",
+           f"MACs kept: {selection.macs:,} of {selection.dense_macs:,} ({selection.macs / selection.dense_macs:.1%}); "
+           f"target {'met' if selection.target_met else 'NOT met'}."]
+  if selection.measured_ms is not None:
+    lines.append(f"Measured latency: {selection.measured_ms:.3f} ms (dense {selection.dense_measured_ms:.3f} ms).")
+  return "\n".join(lines) + "\n\n" + selection.table() + "\n"
 
 
 def run_pipeline(config, workdir: str, *, resume: bool = False, data_path: Optional[str] = None,

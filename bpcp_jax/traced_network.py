@@ -57,15 +57,27 @@ class TracedNetwork:
     """The program of ``mode`` for inputs shaped like ``inputs`` and the coupling at those shapes."""
     if mode not in self.modes:
       raise ValueError(f"mode {mode!r} was not traced; traced modes: {sorted(self.modes)}")
-    key = tuple((tuple(np.shape(x)), str(jnp.result_type(x))) for x in jax.tree_util.tree_leaves(inputs))
+    key = _shapes_key(inputs)
     if key not in self._cache:
-      abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), inputs)
+      abstract = jax.tree_util.tree_map(abstract_like, inputs)
       programs = {m: trace_program(self.model, self.var_shapes, *abstract, **kw) for m, kw in self.modes.items()}
       coupling = find_coupling(list(programs.values()))
       _check_same_structure(self.coupling, coupling)
       self._cache[key] = (programs, coupling)
     programs, coupling = self._cache[key]
     return programs[mode], coupling
+
+
+def abstract_like(x) -> jax.ShapeDtypeStruct:
+  """Shape and dtype of an array, a NumPy value or a ``ShapeDtypeStruct``."""
+  if hasattr(x, "shape") and hasattr(x, "dtype"):
+    return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype)
+  x = np.asarray(x)
+  return jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+
+def _shapes_key(inputs) -> tuple:
+  return tuple((a.shape, str(a.dtype)) for a in map(abstract_like, jax.tree_util.tree_leaves(inputs)))
 
 
 def _check_same_structure(ref: Coupling, new: Coupling):
@@ -84,12 +96,11 @@ def trace_network(model, variables, *example_inputs, modes: Optional[Mapping[str
   together: channels are coupled if any mode couples them.
   """
   modes = {"eval": {}} if modes is None else {k: dict(v) for k, v in modes.items()}
-  var_shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), variables)
+  var_shapes = jax.tree_util.tree_map(abstract_like, variables)
   net = TracedNetwork(model, modes, var_shapes, None)
   programs = {m: trace_program(model, var_shapes, *example_inputs, **kw) for m, kw in modes.items()}
   net.coupling = find_coupling(list(programs.values()))
-  key = tuple((tuple(np.shape(x)), str(jnp.result_type(x))) for x in jax.tree_util.tree_leaves(example_inputs))
-  net._cache[key] = (programs, net.coupling)
+  net._cache[_shapes_key(example_inputs)] = (programs, net.coupling)
   return net
 
 
@@ -206,6 +217,48 @@ def _slice_leaf(leaf, code, keep_flat):
   return leaf
 
 
+def live_values(program: Program, alias: Mapping, outs) -> set:
+  """Value ids the outputs ``outs`` need, walking backwards; an aliased output needs only its alias."""
+  live = {v for v in outs if not isinstance(v, Lit)}
+  for e in reversed(program.eqns):
+    if not any(o in live for o in e.outs):
+      continue
+    if e.outs[0] in alias:
+      live.add(alias[e.outs[0]])
+    else:
+      live.update(v for v in e.ins if not isinstance(v, Lit))
+  return live
+
+
+def shape_under(program: Program, codes: Mapping, keep_flat: np.ndarray, v) -> tuple:
+  """The shape of value ``v`` once the positions ``keep_flat`` drops are gone."""
+  shape = list(program.shape(v))
+  if isinstance(v, Lit):
+    return tuple(shape)
+  for k, c in enumerate(codes.get(v, ())):
+    if c is not None:
+      shape[k] = int(keep_flat[np.where(c >= 0, c, len(keep_flat) - 1)].sum())
+  return tuple(shape)
+
+
+def adjusted_params(program: Program, e, new_shape) -> dict:
+  """``e``'s parameters for its smaller operands: shapes baked into broadcasts, reshapes, slices
+  and splits, and the group count of a depthwise convolution."""
+  params = dict(e.params)
+  if e.name == "broadcast_in_dim":
+    params["shape"] = new_shape(e.outs[0])
+  elif e.name == "reshape":
+    params["new_sizes"] = new_shape(e.outs[0])
+  elif e.name == "slice":  # only whole-axis slices of channel axes are followed
+    in_shape, old = new_shape(e.ins[0]), program.shape(e.ins[0])
+    params["limit_indices"] = tuple(n if lim == o else lim for lim, n, o in zip(params["limit_indices"], in_shape, old))
+  elif e.name == "split":
+    params["sizes"] = tuple(new_shape(o)[params["axis"]] for o in e.outs)
+  elif e.name == "conv_general_dilated" and params["feature_group_count"] > 1:
+    params["feature_group_count"] = new_shape(e.ins[0])[params["dimension_numbers"].lhs_spec[1]]
+  return params
+
+
 @dataclasses.dataclass(eq=False)
 class _Shrunk:
   eqns: list  # (index, Eqn with adjusted params)
@@ -234,54 +287,19 @@ def _shrink(decision: PruneDecision, mode: str, inputs) -> _Shrunk:
   main_idx, main_def = jax.tree_util.tree_flatten(main_tree)
   upd = {path_str(p): j for p, j in jax.tree_util.tree_flatten_with_path(updates)[0]}
 
-  # variables the kept computation still reads, found backwards from the return value
-  def live_from(outs):
-    live = {v for v in outs if not isinstance(v, Lit)}
-    for e in reversed(program.eqns):
-      if not any(o in live for o in e.outs):
-        continue
-      if e.outs[0] in alias:
-        live.add(alias[e.outs[0]])
-      else:
-        live.update(v for v in e.ins if not isinstance(v, Lit))
-    return live
-
   main_out = [program.outvars[j] for j in main_idx]
-  live = live_from(main_out)
+  live = live_values(program, alias, main_out)
   var_ids = dict(zip(program.invars[:program.n_vars], program.var_paths))
   live_paths = {var_ids[v] for v in live if v in var_ids}
   written = [(p, program.outvars[j]) for p, j in upd.items() if p in live_paths]
-  live = live_from(main_out + [o for _, o in written])
+  live = live_values(program, alias, main_out + [o for _, o in written])
 
   def new_shape(v):
-    shape = list(program.shape(v))
-    if isinstance(v, Lit):
-      return tuple(shape)
-    for k, c in enumerate(codes.get(v, ())):
-      if c is not None:
-        shape[k] = int(keep_flat[np.where(c >= 0, c, len(keep_flat) - 1)].sum())
-    return tuple(shape)
+    return shape_under(program, codes, keep_flat, v)
 
   shapes = {v: new_shape(v) for v in live}
-  eqns = []
-  for idx, e in enumerate(program.eqns):
-    if not any(o in live for o in e.outs):
-      continue
-    params = dict(e.params)
-    out_shape = new_shape(e.outs[0])
-    if e.name == "broadcast_in_dim":
-      params["shape"] = out_shape
-    if e.name == "reshape":
-      params["new_sizes"] = out_shape
-    if e.name == "slice":  # only whole-axis slices of channel axes are followed
-      in_shape, old = new_shape(e.ins[0]), program.shape(e.ins[0])
-      params["limit_indices"] = tuple(n if lim == o else lim for lim, n, o in zip(params["limit_indices"], in_shape, old))
-    if e.name == "split":
-      params["sizes"] = tuple(new_shape(o)[params["axis"]] for o in e.outs)
-    if e.name == "conv_general_dilated" and params["feature_group_count"] > 1:
-      lf = params["dimension_numbers"].lhs_spec[1]
-      params["feature_group_count"] = new_shape(e.ins[0])[lf]
-    eqns.append((idx, dataclasses.replace(e, params=params)))
+  eqns = [(idx, dataclasses.replace(e, params=adjusted_params(program, e, new_shape)))
+          for idx, e in enumerate(program.eqns) if any(o in live for o in e.outs)]
   shrunk = _Shrunk(eqns, alias, main_out, main_def, written, live_paths, shapes)
   decision._cache[key] = shrunk
   return shrunk
@@ -367,8 +385,16 @@ def materialize_traced(net: TracedNetwork, variables, masks: Mapping, *example_i
     if path in shrunk.live_paths:
       small[path] = _slice_leaf(leaves[path], codes[vid], keep_flat)
   small_vars = _nest(small)
-  shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), small_vars)
+  shapes = jax.tree_util.tree_map(abstract_like, small_vars)
   return PrunedNetwork(decision, shapes), small_vars
+
+
+def example_inputs_of(net: TracedNetwork, batch: Optional[int] = None):
+  """Abstract inputs shaped like the ones ``net`` was traced with, at batch ``batch`` if given."""
+  inputs = _first_inputs(net)
+  if batch is None:
+    return inputs
+  return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct((batch,) + tuple(s.shape[1:]), s.dtype), inputs)
 
 
 def _first_inputs(net: TracedNetwork):

@@ -6,26 +6,10 @@ import jax.numpy as jnp
 import pytest
 
 import bpcp_jax as bp
-from bpcp_jax.models.structure import layer_table
+from bpcp_jax.models.structure import declared_members
 from tests import nets
 
 TRAIN = {"train": True, "mutable": ["batch_stats"]}
-
-
-def declared_partition(spec):
-  """The declared groups as sets of (variable path, axis), from the family's layer table."""
-  groups = {}
-  for layer in layer_table(spec):
-    if layer.kind == "conv":
-      if layer.in_group is not None:
-        groups.setdefault(layer.in_group, set()).add((f"params/{layer.name}/kernel", 2))
-      groups.setdefault(layer.out_group, set()).add((f"params/{layer.name}/kernel", 3))
-    elif layer.kind == "bn":
-      for col, leaf in (("params", "scale"), ("params", "bias"), ("batch_stats", "mean"), ("batch_stats", "var")):
-        groups.setdefault(layer.out_group, set()).add((f"{col}/{layer.name}/{leaf}", 0))
-    else:
-      groups.setdefault(layer.in_group, set()).add((f"params/{layer.name}/kernel", 0))
-  return groups
 
 
 @pytest.mark.parametrize("name", ["resnet_v2_20", "resnet_v1_bottleneck_20", "resnet_v1_14", "resnet_v2_11"])
@@ -34,7 +18,7 @@ def test_traced_groups_equal_declared_groups(name):
   x = jnp.zeros((1, 32, 32, 3))
   variables = model.init(jax.random.key(0), x)
   net = bp.trace_network(model, variables, x, modes={"eval": {}, "train": TRAIN})
-  declared = declared_partition(model.spec)
+  declared = declared_members(model.spec)
   traced = {frozenset(g.members) for g in net.groups.values()}
   assert traced == {frozenset(m) for m in declared.values()}
   widths = {frozenset(g.members): g.width for g in net.groups.values()}

@@ -152,3 +152,23 @@ def test_subcommands_chain_from_checkpoints(tiny_run, tmp_path, cifar_archive):
   assert code == 0 and "latency_ms_b1" in out, out
   code, out = _run(["search-blocks", "--workdir", str(tmp_path / "x"), *common])
   assert code == 2 and "--from" in out
+
+
+def test_prune_channels_with_speed_aware_selection(tiny_run, tmp_path, cifar_archive):
+  workdir, cache, _ = tiny_run
+  out_dir = str(tmp_path / "speed")
+  code, out = _run(["prune-channels", "--workdir", out_dir, "--from", os.path.join(workdir, "checkpoints", "pretrain"),
+                    "--config", TINY, "--data", cifar_archive, "--no-progress", f"--config.data.cache_dir={cache}",
+                    "--config.stages.prune.selection=speed", "--config.stages.prune.cost=latency",
+                    "--config.stages.prune.target=macs", "--config.stages.prune.ratio=0.5",
+                    "--config.stages.prune.round_to=4"])
+  assert code == 0, out
+  summary = _json(os.path.join(out_dir, "summary.json"))
+  assert summary["pruned"]["macs"] <= 0.5 * summary["dense"]["macs"]
+  with open(os.path.join(out_dir, "prune_report.md")) as f:
+    report = f.read()
+  assert "Speed-aware selection: cost latency at batch 1, round_to 4" in report and "target met" in report
+  code, out = _run(["prune-channels", "--workdir", str(tmp_path / "bad"), "--from",
+                    os.path.join(workdir, "checkpoints", "pretrain"), "--config", TINY, "--data", cifar_archive,
+                    "--config.stages.prune.selection=fast"])
+  assert code == 2 and "stages.prune.selection" in out and "'fast'" in out, out

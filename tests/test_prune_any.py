@@ -9,7 +9,8 @@ import pytest
 import bpcp_jax as bp
 from tests import nets
 from tests.helpers import images, perturbed_variables, random_masks
-from tests.test_coupling import TRAIN, declared_partition
+from bpcp_jax.models.structure import declared_members
+from tests.test_coupling import TRAIN
 
 NETS = [nets.InceptionNet, nets.MobileNet, nets.DenseNet, nets.TwoInputNet, nets.UnfollowableNet]
 
@@ -84,7 +85,7 @@ def test_traced_path_agrees_with_the_declared_resnet_path(name, seed):
   x = images(jax.random.key(seed + 50), n=2)
   net = bp.trace_network(model, variables, x)
   native = random_masks(model, seed)
-  declared = {frozenset(m): g for g, m in declared_partition(model.spec).items()}
+  declared = {frozenset(m): g for g, m in declared_members(model.spec).items()}
   traced = {"blocks": dict(native["blocks"]),
             "channels": {n: native["channels"][declared[frozenset(g.members)]] for n, g in net.groups.items()}}
   small, small_vars = bp.materialize_traced(net, variables, traced)

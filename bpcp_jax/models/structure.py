@@ -125,3 +125,20 @@ def layer_table(spec: ArchSpec, image_size: int = 32) -> list[Layer]:
 
 def layer_dict(spec: ArchSpec, image_size: int = 32) -> dict[str, Layer]:
   return {layer.name: layer for layer in layer_table(spec, image_size)}
+
+
+def declared_members(spec: ArchSpec) -> dict[str, set]:
+  """Every group's members as (variable path, axis) pairs: conv kernels (in axis 2, out axis 3),
+  BN scale/bias/mean/var, the classifier's input axis. The form ``coupling.py`` traces."""
+  groups: dict[str, set] = {}
+  for layer in layer_table(spec):
+    if layer.kind == "conv":
+      if layer.in_group is not None:
+        groups.setdefault(layer.in_group, set()).add((f"params/{layer.name}/kernel", 2))
+      groups.setdefault(layer.out_group, set()).add((f"params/{layer.name}/kernel", 3))
+    elif layer.kind == "bn":
+      for col, leaf in (("params", "scale"), ("params", "bias"), ("batch_stats", "mean"), ("batch_stats", "var")):
+        groups.setdefault(layer.out_group, set()).add((f"{col}/{layer.name}/{leaf}", 0))
+    else:
+      groups.setdefault(layer.in_group, set()).add((f"params/{layer.name}/kernel", 0))
+  return groups

@@ -1,0 +1,82 @@
+"""Measured latency on the device that runs this process: whole networks and single layers.
+
+``measure_latency`` times a jitted network call (median of several, after a warm-up, with the
+result blocked on). ``OpTimer`` times one primitive of a traced program at given shapes, in
+isolation, and remembers every shape it has timed: the per-layer cost table that speed-aware
+selection reads. Times are in milliseconds.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def time_call(fn: Callable, *args, repeats: int = 5, min_time_s: float = 0.05) -> float:
+  """Median wall time of ``fn(*args)`` in ms (the call is warmed up first; each sample loops
+  until at least ``min_time_s`` passed, so fast calls are not dominated by timer resolution)."""
+  jax.block_until_ready(fn(*args))
+  samples = []
+  for _ in range(repeats):
+    n, start = 0, time.perf_counter()
+    while True:
+      jax.block_until_ready(fn(*args))
+      n += 1
+      elapsed = time.perf_counter() - start
+      if elapsed >= min_time_s:
+        break
+    samples.append(elapsed / n * 1e3)
+  return float(np.median(samples))
+
+
+def measure_latency(model, variables, *inputs, repeats: int = 5, min_time_s: float = 0.1, **apply_kwargs) -> float:
+  """Median latency (ms) of ``jax.jit(model.apply)(variables, *inputs)`` on the default device."""
+  fn = jax.jit(lambda v, *x: model.apply(v, *x, **apply_kwargs))
+  return time_call(fn, variables, *inputs, repeats=repeats, min_time_s=min_time_s)
+
+
+def _params_key(params: dict) -> tuple:
+  return tuple(sorted((k, repr(v)) for k, v in params.items()))
+
+
+class OpTimer:
+  """Times single primitives (convolutions, dot products, elementwise work) at given shapes.
+
+  ``cost(eqn, in_shapes, params)`` returns the measured ms of ``eqn.prim`` applied to random
+  inputs of ``in_shapes`` (cached by primitive, parameters and shapes). ``elementwise_ms`` is the
+  measured cost of one element of fused elementwise work (a BN+ReLU epilogue), which
+  per-channel work such as BN and ReLU is charged with.
+  """
+
+  def __init__(self, repeats: int = 3, min_time_s: float = 0.02, seed: int = 0):
+    self.repeats, self.min_time_s = repeats, min_time_s
+    self.table: dict = {}
+    self.rng = np.random.default_rng(seed)
+    self.measured = 0
+    self._elementwise = None
+
+  def cost(self, prim, params: dict, in_shapes: list, in_dtypes: list) -> float:
+    key = (prim.name, _params_key(params), tuple(map(tuple, in_shapes)), tuple(map(str, in_dtypes)))
+    if key not in self.table:
+      args = [jnp.asarray(self.rng.normal(size=s), d) for s, d in zip(in_shapes, in_dtypes)]
+      fn = jax.jit(lambda *a: prim.bind(*a, **params))
+      self.table[key] = time_call(fn, *args, repeats=self.repeats, min_time_s=self.min_time_s)
+      self.measured += 1
+    return self.table[key]
+
+  @property
+  def elementwise_ms(self) -> float:
+    """ms per element of a fused scale-shift-ReLU over a (32, 32, 32, 64) tensor."""
+    if self._elementwise is None:
+      x = jnp.asarray(self.rng.normal(size=(32, 32, 32, 64)), jnp.float32)
+      s = jnp.asarray(self.rng.normal(size=(1, 1, 1, 64)), jnp.float32)
+      fn = jax.jit(lambda x, s: jnp.maximum(x * s + s, 0.0))
+      self._elementwise = time_call(fn, x, s, repeats=self.repeats, min_time_s=self.min_time_s) / x.size
+    return self._elementwise
+
+  def summary(self) -> dict[str, Any]:
+    return {"ops_timed": self.measured, "elementwise_ns_per_element": self.elementwise_ms * 1e6}
