@@ -25,6 +25,8 @@ from bpcp_jax.traced_network import (
     materialize_traced,
     trace_network,
 )
+from bpcp_jax.latency import OpTimer, measure_latency
+from bpcp_jax.speed_select import Selection, select_pruning, select_resnet, traced_importance
 from bpcp_jax.spec import FAMILIES, ArchSpec, BlockSpec, StageSpec, dense_spec, parse_model_name
 
 __version__ = "0.1.0"
@@ -46,11 +48,11 @@ def model_from_spec(spec: ArchSpec, **module_kwargs) -> ResNet:
 
 
 __all__ = [
-    "ArchSpec", "BlockSpec", "FAMILIES", "PrunedNetwork", "ResNet", "StageSpec", "TracedNetwork",
-    "check_traced_masks", "count_traced", "init_traced_masks", "masked_apply", "materialize_traced",
-    "trace_network",
-    "check_masks", "count_leaves", "count_params_macs", "create_model", "decide_blocks", "dense_spec",
-    "gate_penalty", "gate_probabilities", "group_widths", "hard_gates", "init_masks", "kept_blocks",
-    "layer_report", "layer_table", "materialize", "materialize_masks", "model_from_spec",
-    "parse_model_name", "pruned_spec", "sample_gates",
+    "ArchSpec", "BlockSpec", "FAMILIES", "OpTimer", "PrunedNetwork", "ResNet", "Selection", "StageSpec",
+    "TracedNetwork", "check_masks", "check_traced_masks", "count_leaves", "count_params_macs", "count_traced",
+    "create_model", "decide_blocks", "dense_spec", "gate_penalty", "gate_probabilities", "group_widths",
+    "hard_gates", "init_masks", "init_traced_masks", "kept_blocks", "layer_report", "layer_table",
+    "masked_apply", "materialize", "materialize_masks", "materialize_traced", "measure_latency",
+    "model_from_spec", "parse_model_name", "pruned_spec", "sample_gates", "select_pruning", "select_resnet",
+    "trace_network", "traced_importance",
 ]

@@ -425,7 +425,12 @@ def _block_name(paths: list[str], last_layer: Optional[str], taken: set) -> str:
   if common:
     name = "/".join(common)
   else:
-    name = os.path.commonprefix(sorted({p[0] for p in parts if p})).rstrip("_/") or last_layer or "block"
+    firsts = sorted({p[0] for p in parts if p})
+    prefix = os.path.commonprefix(firsts)
+    # "stage1_block2_" names a block; "Conv_" (Conv_3, Conv_4: auto-numbered layers) does not
+    if not prefix.endswith("_") or any(f[len(prefix):][:1].isdigit() for f in firsts):
+      prefix = ""
+    name = prefix.rstrip("_") or last_layer or "block"
   base, k = name, 1
   while name in taken:
     k += 1

@@ -60,3 +60,12 @@ def test_help(module):
   out = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--help"], cwd=REPO, check=True,
                        capture_output=True, text=True, timeout=120)
   assert "--json" in out.stdout and "--quick" in out.stdout
+
+
+def test_speed_select_quick(tmp_path):
+  r = run_benchmark("speed_select", tmp_path)
+  assert set(r["rows"]) == {"dense", "macs", "macs_r8", "latency"}
+  for name, row in r["rows"].items():
+    assert row["latency_b1_ms"] > 0 and row["speedup_b1"] > 0
+    if name != "dense":
+      assert row["macs_kept"] <= 0.4 and row["actions"]

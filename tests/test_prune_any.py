@@ -110,3 +110,29 @@ def test_bad_masks_are_named():
   _, variables, inputs, net = _setup(nets.TwoInputNet)  # no BatchNorm: traced in eval mode only
   with pytest.raises(ValueError, match="mode 'train' was not traced"):
     bp.masked_apply(net, variables, bp.init_traced_masks(net), *inputs, mode="train")
+
+
+def test_block_search_on_a_traced_residual_network():
+  """BP on a network found by tracing: straight-through gates reach the logits, the penalty
+  pushes an unhelpful block out, and materialization removes it."""
+  import optax
+
+  _, variables, inputs, net = _setup(nets.MobileNet)
+  masks = bp.init_traced_masks(net)
+
+  def loss(logits, key):
+    gates = bp.sample_gates(key, logits)
+    out = bp.masked_apply(net, variables, masks, *inputs, block_gates=gates)
+    return jnp.mean(out ** 2) * 1e-3 + bp.gate_penalty(gates, 1.0)
+
+  grad = jax.jit(jax.grad(loss))
+  g = grad(masks["blocks"], jax.random.key(0))
+  assert float(g["project"]) != 0.0
+  opt = optax.sgd(1.0)
+  logits, state = masks["blocks"], opt.init(masks["blocks"])
+  for step in range(20):
+    updates, state = opt.update(grad(logits, jax.random.key(step)), state)
+    logits = optax.apply_updates(logits, updates)
+  assert bp.decide_blocks(logits) == {"project": False}
+  small, small_vars = bp.materialize_traced(net, variables, {**masks, "blocks": logits})
+  assert "project" not in small_vars["params"]
