@@ -23,9 +23,10 @@ import dataclasses
 import os
 from typing import Optional
 
+import jax
 import numpy as np
 
-from bpcp_jax.tracing import Lit, Program
+from bpcp_jax.tracing import Lit, Program, path_str
 
 ELEMENTWISE = frozenset("""
 add add_any sub mul div rem pow max min atan2 nextafter and or xor not eq ne lt le gt ge select_n clamp
@@ -147,6 +148,7 @@ class _Analysis:
     self.layout: dict = {}
     self.unfollowed: list[Unfollowed] = []
     self.data_dep: set = set()
+    self.producers: Optional[dict] = None  # value id -> the equation computing it, built on demand
     for i, vid in enumerate(program.invars):
       if i < program.n_vars:
         self.layout[vid] = leaf_atoms[program.var_paths[i]]
@@ -162,7 +164,7 @@ class _Analysis:
       return (None,) * np.ndim(v.value)
     return self.layout[v]
 
-  def tie(self, a, b, size, why):
+  def tie(self, a, b, why):
     """Tie two axis layouts position by position; a tracked position tied to an untracked one is fixed."""
     if a is None and b is None:
       return None
@@ -231,7 +233,7 @@ class _Analysis:
         if first[k]:
           out[k], first[k] = arr, False
         else:
-          out[k] = self.tie(out[k], arr, shape[k], f"{e.name} at {e.where}")
+          out[k] = self.tie(out[k], arr, f"{e.name} at {e.where}")
     return out
 
   def reduction(self, e):
@@ -309,7 +311,7 @@ class _Analysis:
         arrs = [self.lay(v)[k] for v in e.ins]
         acc = arrs[0]
         for a in arrs[1:]:
-          acc = self.tie(acc, a, shape[k], f"concatenate at {e.where}")
+          acc = self.tie(acc, a, f"concatenate at {e.where}")
         out[k] = acc
     return [out]
 
@@ -390,12 +392,12 @@ class _Analysis:
       self.give_up(e, f"batch_group_count={bgroups}")
       return [out]
     if groups == 1:
-      self.tie(lhs_lay[lf], rhs_lay[rin], cin, why)
+      self.tie(lhs_lay[lf], rhs_lay[rin], why)
       out[of] = rhs_lay[rout]
     elif groups == cin and cout % cin == 0:  # depthwise, channel multiplier cout // cin
       mult = cout // cin
       rep = None if lhs_lay[lf] is None else np.repeat(lhs_lay[lf], mult)
-      out[of] = self.tie(rep, rhs_lay[rout], cout, why)
+      out[of] = self.tie(rep, rhs_lay[rout], why)
     else:
       self.give_up(e, f"grouped convolution ({groups} groups of {cin // groups} channels)")
     return [out]
@@ -406,8 +408,8 @@ class _Analysis:
     ll, rl = self.lay(lhs), self.lay(rhs)
     why = f"dot_general at {e.where}"
     for a, b in zip(lc, rc):
-      self.tie(ll[a], rl[b], self.p.shape(lhs)[a], why)
-    batch = [self.tie(ll[a], rl[b], self.p.shape(lhs)[a], why) for a, b in zip(lb, rb)]
+      self.tie(ll[a], rl[b], why)
+    batch = [self.tie(ll[a], rl[b], why) for a, b in zip(lb, rb)]
     free_l = [ll[k] for k in range(len(ll)) if k not in lc and k not in lb]
     free_r = [rl[k] for k in range(len(rl)) if k not in rc and k not in rb]
     return [batch + free_l + free_r]
@@ -529,7 +531,7 @@ def find_coupling(programs: list[Program]) -> Coupling:
         src = leaf_atoms[var_out[j]]
         for arr, back in zip(an.lay(v), src):
           if arr is not None or back is not None:
-            an.tie(arr, back, None, "variable written back")
+            an.tie(arr, back, "variable written back")
       else:
         an.fix_value(v, "reaches the network's output")
     analyses.append(an)
@@ -648,30 +650,26 @@ def _producer_axes(program: Program, an: _Analysis, e) -> list:
 
 def _origin_path(program: Program, an: _Analysis, vid) -> str:
   """The variable a weight operand was computed from (through casts, squeezes, reshapes)."""
-  frontier = [vid]
-  producers = {o: e for e in program.eqns for o in e.outs} if not hasattr(an, "_producers") else an._producers
-  an._producers = producers
-  seen = set()
+  if an.producers is None:
+    an.producers = {o: e for e in program.eqns for o in e.outs}
+  var_ids = dict(zip(program.invars[:program.n_vars], program.var_paths))
+  frontier, seen = [vid], set()
   while frontier:
     v = frontier.pop()
     if v in seen or isinstance(v, Lit):
       continue
     seen.add(v)
-    if v in program.invars[:program.n_vars]:
-      return program.var_paths[program.invars.index(v)]
-    if v in producers:
-      frontier += list(producers[v].ins)
+    if v in var_ids:
+      return var_ids[v]
+    if v in an.producers:
+      frontier += list(an.producers[v].ins)
   return f"value{vid}"
 
 
 def _written_variables(program: Program) -> dict:
   """Output leaf index -> variable path, for outputs that are updated variables (``mutable=``)."""
-  import jax
-
   leaves_with_path = jax.tree_util.tree_flatten_with_path(
       jax.tree_util.tree_unflatten(program.out_tree, list(range(len(program.outvars)))))[0]
-  from bpcp_jax.tracing import path_str
-
   known = set(program.var_paths)
   out = {}
   for path, j in leaves_with_path:
