@@ -83,13 +83,13 @@ def networks_from_runs(workdir):
   from bpcp_jax.checkpoint import load_network
 
   nets = {"dense": load_network(os.path.join(workdir, "dense", "checkpoints", "pretrain"))[:2]}
-  info = {"dense": {"top1": _summary(workdir, "dense")["dense"]["top1"]}}
+  info = {"dense": {"top1": _summary(workdir, "dense")["dense"]["accuracy"]}}
   for name in ROWS:
     model, variables, _ = load_network(os.path.join(workdir, name, "checkpoints", "finetune_channels"))
     nets[name] = (model, variables)
     summary = _summary(workdir, name)
     _, prune_meta = _prune_meta(workdir, name)
-    info[name] = {"top1": summary["pruned"]["top1"], "actions": prune_meta.get("speed_selection", {}).get("actions", [])}
+    info[name] = {"top1": summary["pruned"]["accuracy"], "actions": prune_meta.get("speed_selection", {}).get("actions", [])}
   return nets, info
 
 
