@@ -16,6 +16,10 @@ import sys
 
 from benchmarks import common
 
+if "--no-huge-pages" not in sys.argv:  # time what the command line runs (bpcp_jax/host.py)
+  from bpcp_jax.host import reexec_with_huge_pages
+
+  reexec_with_huge_pages(["-m", "benchmarks.train_throughput", *sys.argv[1:]])
 common.maybe_tune_allocator(sys.argv)  # before jax starts its threads
 
 import argparse  # noqa: E402
@@ -116,6 +120,8 @@ def main(argv=None) -> dict:
   p.add_argument("--peak-memory", action="store_true", help="max RSS of a fresh process per mode")
   p.add_argument("--compare-malloc", action="store_true",
                  help="also time the dense and search steps in a child process with --tune-malloc")
+  p.add_argument("--no-huge-pages", action="store_true",
+                 help="do not restart with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (the command line's setting)")
   p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args._child:

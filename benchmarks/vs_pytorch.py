@@ -21,6 +21,10 @@ import time
 
 from benchmarks import common
 
+if "--no-huge-pages" not in sys.argv:  # both sides run with the command line's malloc setting
+  from bpcp_jax.host import reexec_with_huge_pages
+
+  reexec_with_huge_pages(["-m", "benchmarks.vs_pytorch", *sys.argv[1:]])
 
 def torch_resnet_v2(depth: int, num_classes: int = 10):
   import torch
@@ -141,6 +145,7 @@ def main(argv=None) -> dict:
   common.add_common_args(p)
   p.add_argument("--batch", type=int, default=128)
   p.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads (the machine's cores)")
+  p.add_argument("--no-huge-pages", action="store_true", help="do not restart with huge-page malloc")
   args = p.parse_args(argv)
   try:
     import torch
