@@ -148,7 +148,8 @@ class _Analysis:
     self.layout: dict = {}
     self.unfollowed: list[Unfollowed] = []
     self.data_dep: set = set()
-    self.producers: Optional[dict] = None  # value id -> the equation computing it, built on demand
+    # value id -> the variable a parameter-only value was computed from (casts, squeezes, ...)
+    self.origin = {vid: path for vid, path in zip(program.invars, program.var_paths)}
     for i, vid in enumerate(program.invars):
       if i < program.n_vars:
         self.layout[vid] = leaf_atoms[program.var_paths[i]]
@@ -203,8 +204,13 @@ class _Analysis:
   # -- the walk -------------------------------------------------------------------------------
   def run(self):
     for idx, e in enumerate(self.p.eqns):
-      if any(not isinstance(v, Lit) and v in self.data_dep for v in e.ins):
+      ins = [v for v in e.ins if not isinstance(v, Lit)]
+      if any(v in self.data_dep for v in ins):
         self.data_dep.update(e.outs)
+      else:
+        sources = {self.origin.get(v) for v in ins}
+        if len(sources) == 1 and None not in sources:
+          self.origin.update((o, next(iter(sources))) for o in e.outs)
       handler = getattr(self, "op_" + e.name, None)
       if handler is not None:
         outs = handler(e)
@@ -440,7 +446,7 @@ def _block_name(paths: list[str], last_layer: Optional[str], taken: set) -> str:
   return name
 
 
-def _find_blocks(program: Program, data_dep: set) -> dict:
+def _find_blocks(program: Program, data_dep: set, origin: dict) -> dict:
   """Residual adds, with the variables used only by the branch."""
   anc_eqn, anc_var = {}, {}
   for i, vid in enumerate(program.invars):
@@ -449,14 +455,9 @@ def _find_blocks(program: Program, data_dep: set) -> dict:
     anc_eqn[vid], anc_var[vid] = 0, 0
   contraction, data_eqns = 0, 0
   blocks, taken = {}, set()
-  origin = {vid: program.var_paths[i] for i, vid in enumerate(program.invars[:program.n_vars])}
   weight_of = {}  # contraction eqn index -> the variable its weight operand comes from
   for idx, e in enumerate(program.eqns):
     ins = [v for v in e.ins if not isinstance(v, Lit)]
-    sources = {origin.get(v) for v in ins if v not in data_dep}
-    if len(sources) == 1 and None not in sources and not any(v in data_dep for v in ins):
-      for o in e.outs:
-        origin[o] = next(iter(sources))
     if e.name in ("conv_general_dilated", "dot_general"):
       weights = [origin[v] for v in ins if v in origin]
       if weights:
@@ -502,16 +503,13 @@ def find_coupling(programs: list[Program]) -> Coupling:
   of it (e.g. eval and train mode), which share the variable atoms."""
   main = programs[0]
   atoms = _Atoms()
-  leaf_atoms, origin = {}, {}
+  leaf_atoms = {}
   for i, path in enumerate(main.var_paths):
     shape = main.shape(main.invars[i])
     lay = []
     for k, n in enumerate(shape):
       if n > 1:
-        arr = atoms.new(n)
-        for a in arr.tolist():
-          origin[a] = (path, k)
-        lay.append(arr)
+        lay.append(atoms.new(n))
       else:
         lay.append(None)
     leaf_atoms[path] = tuple(lay)
@@ -610,7 +608,7 @@ def find_coupling(programs: list[Program]) -> Coupling:
   for an in analyses:
     for vid, lay in an.layout.items():
       codes.setdefault(an.p, {})[vid] = tuple(encode(a) for a in lay)
-  sites = {an.p: _find_blocks(an.p, an.data_dep) for an in analyses}
+  sites = {an.p: _find_blocks(an.p, an.data_dep, an.origin) for an in analyses}
   blocks = sites[main]
   for program, found in sites.items():
     if set(found) != set(blocks):
@@ -619,7 +617,7 @@ def find_coupling(programs: list[Program]) -> Coupling:
 
 
 def _group_name(producer_path: str, taken: set) -> str:
-  parts = producer_path.split("/")[1:]
+  parts = producer_path.split("/")[1:] or [producer_path]  # "params/Conv_0/kernel", or "value12"
   name = "/".join(parts[:-1]) if len(parts) > 1 else parts[0]
   base, k = name, 1
   while name in taken:
@@ -636,7 +634,7 @@ def _producer_axes(program: Program, an: _Analysis, e) -> list:
     if not isinstance(rhs, Lit) and rhs not in an.data_dep:
       arr = an.lay(rhs)[e.params["dimension_numbers"].rhs_spec[0]]
       if arr is not None:
-        out.append((_origin_path(program, an, rhs), arr))
+        out.append((an.origin.get(rhs, f"value{rhs}"), arr))
   elif e.name == "dot_general":
     (lc, rc), (lb, rb) = e.params["dimension_numbers"]
     for v, contracted, batch in ((e.ins[1], rc, rb), (e.ins[0], lc, lb)):
@@ -644,26 +642,8 @@ def _producer_axes(program: Program, an: _Analysis, e) -> list:
         continue
       for k, arr in enumerate(an.lay(v)):
         if k not in contracted and k not in batch and arr is not None:
-          out.append((_origin_path(program, an, v), arr))
+          out.append((an.origin.get(v, f"value{v}"), arr))
   return out
-
-
-def _origin_path(program: Program, an: _Analysis, vid) -> str:
-  """The variable a weight operand was computed from (through casts, squeezes, reshapes)."""
-  if an.producers is None:
-    an.producers = {o: e for e in program.eqns for o in e.outs}
-  var_ids = dict(zip(program.invars[:program.n_vars], program.var_paths))
-  frontier, seen = [vid], set()
-  while frontier:
-    v = frontier.pop()
-    if v in seen or isinstance(v, Lit):
-      continue
-    seen.add(v)
-    if v in var_ids:
-      return var_ids[v]
-    if v in an.producers:
-      frontier += list(an.producers[v].ins)
-  return f"value{vid}"
 
 
 def _written_variables(program: Program) -> dict:

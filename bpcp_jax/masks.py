@@ -29,22 +29,32 @@ def _spec_of(model_or_spec: Union[ResNet, ArchSpec]) -> ArchSpec:
 def init_masks(model_or_spec: Union[ResNet, ArchSpec]) -> Masks:
   """All blocks undecided (logit 0, kept) and every channel kept."""
   spec = _spec_of(model_or_spec)
+  return full_masks(spec.block_names(), group_widths(spec))
+
+
+def full_masks(block_names, widths: Mapping[str, int]) -> Masks:
+  """Every named block kept (logit 0) and every channel of every group kept."""
   return {
-      "blocks": {name: jnp.zeros((), jnp.float32) for name in spec.block_names()},
-      "channels": {g: jnp.ones((w,), jnp.float32) for g, w in group_widths(spec).items()},
+      "blocks": {name: jnp.zeros((), jnp.float32) for name in block_names},
+      "channels": {g: jnp.ones((w,), jnp.float32) for g, w in widths.items()},
   }
 
 
 def check_masks(model_or_spec: Union[ResNet, ArchSpec], masks: Mapping[str, Any]) -> None:
   """Raise ``ValueError`` naming the first key or shape that does not fit the network."""
   spec = _spec_of(model_or_spec)
+  check_mask_tree(masks, spec.block_names(), group_widths(spec))
+
+
+def check_mask_tree(masks: Mapping[str, Any], block_names, widths: Mapping[str, int]) -> None:
+  """Raise ``ValueError`` naming the first key or shape of ``masks`` that differs from the
+  network's blocks and group widths."""
   if set(masks) != {"blocks", "channels"}:
     raise ValueError(f"masks must have exactly the keys 'blocks' and 'channels', got {sorted(masks)}")
-  want_blocks, got_blocks = set(spec.block_names()), set(masks["blocks"])
+  want_blocks, got_blocks = set(block_names), set(masks["blocks"])
   if want_blocks != got_blocks:
     raise ValueError(f"mask block keys do not match the network: missing {sorted(want_blocks - got_blocks)}, "
                      f"unexpected {sorted(got_blocks - want_blocks)}")
-  widths = group_widths(spec)
   if set(widths) != set(masks["channels"]):
     raise ValueError(f"mask channel groups do not match the network: missing "
                      f"{sorted(set(widths) - set(masks['channels']))}, unexpected "

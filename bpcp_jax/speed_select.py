@@ -33,7 +33,9 @@ from bpcp_jax.tracing import Lit
 from bpcp_jax.traced_network import (
     TracedNetwork,
     adjusted_params,
+    eqn_macs,
     example_inputs_of,
+    leaves_by_path,
     live_values,
     materialize_traced,
     shape_under,
@@ -59,8 +61,7 @@ def traced_importance(net: TracedNetwork, variables, criterion: str = "bn_scale"
   if criterion not in TRACED_CRITERIA:
     raise ValueError(f"unknown criterion {criterion!r}; choose from {', '.join(TRACED_CRITERIA)}")
   program, coupling = net.traced("eval", example_inputs_of(net))
-  leaves = {"/".join(str(getattr(k, "key", k)) for k in p): np.asarray(x)
-            for p, x in jax.tree_util.tree_flatten_with_path(variables)[0]}
+  leaves = {path: np.asarray(x) for path, x in leaves_by_path(variables).items()}
   scores = {}
   for name, g in net.groups.items():
     off = coupling.offsets[name]
@@ -76,6 +77,8 @@ def traced_importance(net: TracedNetwork, variables, criterion: str = "bn_scale"
         found = True
     if not found:
       for path in g.producers:
+        if path not in leaves:  # a weight computed from several variables: no single filter to score
+          continue
         kernel = leaves[path]
         for axis in range(kernel.ndim):
           code = _leaf_codes(net, program, coupling, path, axis)
@@ -153,7 +156,7 @@ class _Search:
     self.block_groups = {b: [g for g in names if set(c.groups[g].producers) <= set(site.params)]
                          for b, site in self.blocks.items()}
     self.out_ids = list(p.outvars)
-    self._refresh_live()
+    self.live = self._live_set()
     self.eqn_cost = {idx: self._cost(idx, self.keep) for idx in self.live}
     self.macs = {idx: self._macs(idx, self.keep) for idx in self.live}
 
@@ -163,27 +166,15 @@ class _Search:
             if not self.keep_blocks[b] or b in removed}
 
   def _live_set(self, removed=()):
-    live = live_values(self.program, self._alias(removed), self.out_ids)
     alias = self._alias(removed)
+    live = live_values(self.program, alias, self.out_ids)
     return {i for i, e in enumerate(self.program.eqns) if any(o in live for o in e.outs) and e.outs[0] not in alias}
-
-  def _refresh_live(self):
-    self.live = self._live_set()
 
   def _shape(self, v, keep):
     return shape_under(self.program, self.codes, keep, v)
 
   def _macs(self, idx, keep) -> int:
-    e = self.program.eqns[idx]
-    if e.name == "conv_general_dilated":
-      rhs = self._shape(e.ins[1], keep)
-      per_out = int(np.prod([rhs[k] for k in e.params["dimension_numbers"].rhs_spec[1:]]))
-      return int(np.prod(self._shape(e.outs[0], keep))) * per_out
-    if e.name == "dot_general":
-      lhs = self._shape(e.ins[0], keep)
-      (lc, _), _ = e.params["dimension_numbers"]
-      return int(np.prod(self._shape(e.outs[0], keep))) * int(np.prod([lhs[k] for k in lc]))
-    return 0
+    return eqn_macs(self.program.eqns[idx], lambda v: self._shape(v, keep))
 
   def _cost(self, idx, keep) -> float:
     if self.cost_kind == "macs":

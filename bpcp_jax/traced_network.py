@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bpcp_jax.coupling import Coupling, find_coupling
+from bpcp_jax.masks import check_mask_tree, full_masks
 from bpcp_jax.tracing import Lit, Program, path_str, run_program, trace_program
 
 
@@ -38,7 +39,7 @@ class TracedNetwork:
   model: Any
   modes: dict
   var_shapes: Any  # pytree of jax.ShapeDtypeStruct mirroring the variables
-  coupling: Coupling
+  coupling: Optional[Coupling]  # set by the first trace
   _cache: dict = dataclasses.field(default_factory=dict, repr=False)
 
   @property
@@ -62,6 +63,8 @@ class TracedNetwork:
       abstract = jax.tree_util.tree_map(abstract_like, inputs)
       programs = {m: trace_program(self.model, self.var_shapes, *abstract, **kw) for m, kw in self.modes.items()}
       coupling = find_coupling(list(programs.values()))
+      if self.coupling is None:  # the first trace defines the network's groups and blocks
+        self.coupling = coupling
       _check_same_structure(self.coupling, coupling)
       self._cache[key] = (programs, coupling)
     programs, coupling = self._cache[key]
@@ -98,9 +101,7 @@ def trace_network(model, variables, *example_inputs, modes: Optional[Mapping[str
   modes = {"eval": {}} if modes is None else {k: dict(v) for k, v in modes.items()}
   var_shapes = jax.tree_util.tree_map(abstract_like, variables)
   net = TracedNetwork(model, modes, var_shapes, None)
-  programs = {m: trace_program(model, var_shapes, *example_inputs, **kw) for m, kw in modes.items()}
-  net.coupling = find_coupling(list(programs.values()))
-  net._cache[_shapes_key(example_inputs)] = (programs, net.coupling)
+  net.traced(next(iter(modes)), example_inputs)
   return net
 
 
@@ -108,27 +109,12 @@ def trace_network(model, variables, *example_inputs, modes: Optional[Mapping[str
 
 def init_traced_masks(net: TracedNetwork) -> dict:
   """Every block kept (logit 0) and every channel of every group kept."""
-  return {
-      "blocks": {name: jnp.zeros((), jnp.float32) for name in net.blocks},
-      "channels": {name: jnp.ones((g.width,), jnp.float32) for name, g in net.groups.items()},
-  }
+  return full_masks(net.blocks, {name: g.width for name, g in net.groups.items()})
 
 
 def check_traced_masks(net: TracedNetwork, masks: Mapping) -> None:
   """Raise ``ValueError`` naming the first block, group or shape that does not fit ``net``."""
-  if set(masks) != {"blocks", "channels"}:
-    raise ValueError(f"masks must have exactly the keys 'blocks' and 'channels', got {sorted(masks)}")
-  if set(masks["blocks"]) != set(net.blocks):
-    raise ValueError(f"mask blocks do not match the network: missing {sorted(set(net.blocks) - set(masks['blocks']))}, "
-                     f"unexpected {sorted(set(masks['blocks']) - set(net.blocks))}")
-  if set(masks["channels"]) != set(net.groups):
-    raise ValueError(f"mask groups do not match the network: missing "
-                     f"{sorted(set(net.groups) - set(masks['channels']))}, unexpected "
-                     f"{sorted(set(masks['channels']) - set(net.groups))}")
-  for name, g in net.groups.items():
-    if np.shape(masks["channels"][name]) != (g.width,):
-      raise ValueError(f"channel mask {name!r} has shape {np.shape(masks['channels'][name])}; "
-                       f"the group has {g.width} channels")
+  check_mask_tree(masks, net.blocks, {name: g.width for name, g in net.groups.items()})
 
 
 def _flat_mask(coupling: Coupling, channel_masks, xp=jnp):
@@ -137,7 +123,8 @@ def _flat_mask(coupling: Coupling, channel_masks, xp=jnp):
   return xp.concatenate(parts + [xp.ones((1,), xp.float32)])
 
 
-def _leaves_by_path(variables) -> dict:
+def leaves_by_path(variables) -> dict:
+  """``{"params/Conv_0/kernel": leaf, ...}``: the variables keyed as the traced program names them."""
   return {path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]}
 
 
@@ -179,7 +166,7 @@ def masked_apply(net: TracedNetwork, variables, masks: Mapping, *inputs, mode: s
       return [e.prim.bind(read_masked(vals[0], e.ins[0], lc), vals[1], **e.params)]
     return None
 
-  leaves = _leaves_by_path(variables)
+  leaves = leaves_by_path(variables)
   var_leaves = [leaves[p] for p in program.var_paths]
   return run_program(program, var_leaves, jax.tree_util.tree_leaves(inputs), hook=hook)
 
@@ -379,7 +366,7 @@ def materialize_traced(net: TracedNetwork, variables, masks: Mapping, *example_i
   program, coupling = net.traced(mode, example_inputs)
   keep_flat = decision.keep_flat(coupling)
   codes = coupling.codes[program]
-  leaves = _leaves_by_path(variables)
+  leaves = leaves_by_path(variables)
   small = {}
   for vid, path in zip(program.invars[:program.n_vars], program.var_paths):
     if path in shrunk.live_paths:
@@ -407,19 +394,18 @@ def _first_inputs(net: TracedNetwork):
 
 # -- counting -------------------------------------------------------------------------------------
 
-def _macs_of(eqns, shape, dtype_batch: int) -> int:
-  total = 0
-  for _, e in eqns:
-    if e.name == "conv_general_dilated":
-      dn = e.params["dimension_numbers"]
-      rhs = shape(e.ins[1])
-      per_out = int(np.prod([rhs[k] for k in dn.rhs_spec[1:]]))  # in-channels per group x window
-      total += int(np.prod(shape(e.outs[0]))) * per_out
-    elif e.name == "dot_general":
-      (lc, _), _ = e.params["dimension_numbers"]
-      lhs = shape(e.ins[0])
-      total += int(np.prod(shape(e.outs[0]))) * int(np.prod([lhs[k] for k in lc]))
-  return total // dtype_batch
+def eqn_macs(e, shape) -> int:
+  """Multiply-accumulates of one equation (a convolution or ``dot_general``; 0 otherwise), with
+  ``shape(value)`` giving its operands' shapes."""
+  if e.name == "conv_general_dilated":
+    rhs = shape(e.ins[1])
+    per_out = int(np.prod([rhs[k] for k in e.params["dimension_numbers"].rhs_spec[1:]]))  # in/group x window
+    return int(np.prod(shape(e.outs[0]))) * per_out
+  if e.name == "dot_general":
+    (lc, _), _ = e.params["dimension_numbers"]
+    lhs = shape(e.ins[0])
+    return int(np.prod(shape(e.outs[0]))) * int(np.prod([lhs[k] for k in lc]))
+  return 0
 
 
 def count_traced(net_or_pruned, variables, *example_inputs, mode: str = "eval") -> tuple[int, int]:
@@ -444,4 +430,4 @@ def count_traced(net_or_pruned, variables, *example_inputs, mode: str = "eval") 
     program, _ = net_or_pruned.traced(mode, inputs)
     shape, eqns = program.shape, list(enumerate(program.eqns))
   batch = int(np.shape(jax.tree_util.tree_leaves(inputs)[0])[0])
-  return params, _macs_of(eqns, shape, batch)
+  return params, sum(eqn_macs(e, shape) for _, e in eqns) // batch
