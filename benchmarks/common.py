@@ -155,6 +155,28 @@ def timed(fn: Callable[[], Any]) -> float:
   return time.perf_counter() - t
 
 
+def interleaved_inference(nets: Sequence[tuple[str, Any, Any]], x_small, x_large, repeats: int, calls: int,
+                          large_calls: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+  """Time jitted eval-mode ``model.apply`` of every ``(name, model, variables)`` in interleaved
+  rounds (load drifts hit every network alike). Per round and network: the median seconds of
+  ``calls`` calls on ``x_small`` and the images/s of ``large_calls`` calls on ``x_large``."""
+  import jax
+
+  fns = []
+  for name, model, variables in nets:
+    apply = jax.jit(lambda v, x, m=model: m.apply(v, x, train=False))
+    block(apply(variables, x_small))  # compile both shapes before timing
+    block(apply(variables, x_large))
+    fns.append((name, apply, variables))
+  lat = {name: [] for name, _, _ in fns}
+  thr = {name: [] for name, _, _ in fns}
+  for _ in range(repeats):
+    for name, apply, v in fns:
+      lat[name].append(median([timed(lambda: apply(v, x_small)) for _ in range(calls)]))
+      thr[name].append(large_calls * x_large.shape[0] / sum(timed(lambda: apply(v, x_large)) for _ in range(large_calls)))
+  return lat, thr
+
+
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
   def fmt(v):
     if isinstance(v, float):

@@ -93,19 +93,8 @@ def main(argv=None) -> dict:
 
   x1 = jax.random.normal(key, (1, 32, 32, 3))
   xb = jax.random.normal(key, (args.batch, 32, 32, 3))
-  fns = []
-  for name, net, v, _ in nets:
-    apply = jax.jit(lambda v, x, net=net: net.apply(v, x, train=False))
-    common.block(apply(v, x1))
-    common.block(apply(v, xb))
-    fns.append(apply)
-  lat = {n[0]: [] for n in nets}
-  thr = {n[0]: [] for n in nets}
-  for _ in range(args.repeats):  # interleaved rounds: every network sees the same conditions
-    for (name, _, v, _), apply in zip(nets, fns):
-      lat[name].append(common.median([common.timed(lambda: apply(v, x1)) for _ in range(args.calls)]))
-      thr[name].append(args.batch * args.large_calls
-                       / sum(common.timed(lambda: apply(v, xb)) for _ in range(args.large_calls)))
+  lat, thr = common.interleaved_inference([(name, net, v) for name, net, v, _ in nets], x1, xb, args.repeats,
+                                          args.calls, args.large_calls)
 
   dense_macs = bp.count_params_macs(model)["macs"]
   dense_params = bp.count_params_macs(model)["params"]

@@ -127,22 +127,12 @@ def networks_quick():
 
 
 def measure(nets, repeats, calls, large_calls, batch):
-  import jax
-
+  """Median batch-1 latency (ms) and large-batch images/s of every network, rounds interleaved."""
   x1 = jnp.asarray(np.random.default_rng(0).normal(size=(1, 32, 32, 3)), jnp.float32)
   xb = jnp.asarray(np.random.default_rng(1).normal(size=(batch, 32, 32, 3)), jnp.float32)
-  fns = {}
-  for name, (model, variables) in nets.items():
-    fns[name] = (jax.jit(lambda v, x, m=model: m.apply(v, x, train=False)), variables)
-    common.block(fns[name][0](variables, x1))
-    common.block(fns[name][0](variables, xb))
-  lat = {n: [] for n in nets}
-  thr = {n: [] for n in nets}
-  for _ in range(repeats):  # interleaved rounds: load drifts hit every row alike
-    for name, (apply, v) in fns.items():
-      lat[name].append(common.median([common.timed(lambda: apply(v, x1)) for _ in range(calls)]) * 1e3)
-      thr[name].append(large_calls * batch / sum(common.timed(lambda: apply(v, xb)) for _ in range(large_calls)))
-  return {n: common.median(lat[n]) for n in nets}, {n: common.median(thr[n]) for n in nets}
+  lat, thr = common.interleaved_inference([(n, m, v) for n, (m, v) in nets.items()], x1, xb, repeats, calls,
+                                          large_calls)
+  return {n: common.median(t) * 1e3 for n, t in lat.items()}, {n: common.median(t) for n, t in thr.items()}
 
 
 def main(argv=None) -> dict:
