@@ -1,4 +1,4 @@
-"""What every benchmark shares: host allocator tuning, timing, the environment record, outputs.
+"""What every benchmark shares: the restart with the host allocator, timing, the environment record, outputs.
 
 Each benchmark prints a markdown table and writes JSON holding the device, the versions, the
 exact command and the results, so a number can always be traced to the machine and the call
@@ -8,7 +8,6 @@ load from other processes affects both sides of a ratio alike.
 
 from __future__ import annotations
 
-import ctypes
 import datetime
 import json
 import os
@@ -18,43 +17,21 @@ import sys
 import time
 from typing import Any, Callable, Iterable, Sequence
 
-# glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
-_ALLOCATOR_STATE = {"tuned": False}
 
+def restart_with_allocator(module: str, argv: Sequence[str]) -> None:
+  """Restart ``python -m module argv`` with the allocator the command line uses (bpcp_jax/host.py).
 
-def tune_host_allocator() -> bool:
-  """Keep freed host memory mapped, so XLA's per-step buffers stop costing page faults.
-
-  XLA's CPU runtime mallocs every step's temporaries afresh (1.7 GB for a ResNet-v2-56
-  training step at batch 128) from its worker threads. glibc serves such sizes with a new
-  ``mmap`` and unmaps them on ``free``, so every step first-touches 400k fresh pages (about
-  0.5 s of kernel time on the 2-core CPU). One arena, no ``mmap`` and a large trim pad keep the
-  memory in the heap and reused instead. Call it before jax starts its threads; returns whether
-  glibc accepted the settings (False elsewhere, e.g. macOS or musl). Freed memory is not
-  returned to the OS, so the process's resident size stays at its peak.
+  ``--allocator NAME`` on the command line forces one (``auto`` picks as the command line does);
+  call this before jax is imported. Benchmarks time what ``bpcp-jax`` runs.
   """
-  try:
-    libc = ctypes.CDLL("libc.so.6")
-    big = 2**31 - 1  # mallopt takes an int
-    ok = all(libc.mallopt(p, v) == 1 for p, v in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0),
-                                                   (_M_TRIM_THRESHOLD, big), (_M_TOP_PAD, big)))
-  except (OSError, AttributeError):
-    ok = False
-  _ALLOCATOR_STATE["tuned"] = ok
-  return ok
+  from bpcp_jax import host
 
-
-def maybe_tune_allocator(argv: Sequence[str]) -> None:
-  """Tune when ``--tune-malloc`` is on the command line (before jax is imported).
-
-  Off by default: the benchmarks time what the CLI runs. Measured with it: about +10-15% for a
-  ResNet-v2-56 step, but the single arena fragments and the resident size grew from 2.7 GiB
-  to 4.5 GiB over 10 steps. ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` in the environment gets
-  most of the gain (fresh buffers on 2 MiB pages) without the growth.
-  """
-  if "--tune-malloc" in argv:
-    tune_host_allocator()
+  argv = list(argv)
+  if "--allocator" in argv and argv.index("--allocator") + 1 < len(argv):
+    choice = argv[argv.index("--allocator") + 1]
+    if choice != "auto" and not os.environ.get(host.DONE):
+      os.environ[host.CHOICE] = choice
+  host.reexec_with_allocator(["-m", module, *argv])
 
 
 def add_common_args(parser) -> None:
@@ -62,8 +39,8 @@ def add_common_args(parser) -> None:
   parser.add_argument("--md", default=None, help="write the markdown table here")
   parser.add_argument("--repeats", type=int, default=3, help="timed rounds; medians are reported")
   parser.add_argument("--quick", action="store_true", help="tiny model and batch: a smoke run, not a measurement")
-  parser.add_argument("--tune-malloc", action="store_true",
-                      help="one arena, no mmap: fewer page faults, growing memory (see common.tune_host_allocator)")
+  parser.add_argument("--allocator", default="auto",
+                      help="host allocator: auto (as the command line), mimalloc, tcmalloc, glibc-hugetlb or glibc")
 
 
 def peak_rss_gib() -> float:
@@ -89,10 +66,16 @@ def environment() -> dict[str, Any]:
       "argv": list(sys.argv),
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "host_allocator_tuned": _ALLOCATOR_STATE["tuned"],
+      "host_allocator": _allocator(),
       "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
       "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
   }
+
+
+def _allocator() -> str:
+  from bpcp_jax.host import current_allocator
+
+  return current_allocator()
 
 
 def _cpu_model() -> str:
@@ -194,7 +177,7 @@ def write_outputs(name: str, args, results: dict[str, Any], table: str) -> dict[
   record = {"benchmark": name, **env, "results": results}
   header = (f"# {name}\n\n{env['device']['cpu_model']} ({env['device']['cpu_count']} cores, "
             f"{env['device']['platform']}), jax {env['versions']['jax']}, flax {env['versions']['flax']}, "
-            f"host allocator tuned: {env['host_allocator_tuned']}, {env['date']}\n\n"
+            f"host allocator: {env['host_allocator']}, {env['date']}\n\n"
             f"`{env['command']}`\n\n")
   print(header + table)
   if args.json:

@@ -16,7 +16,7 @@ import sys
 
 from benchmarks import common
 
-common.maybe_tune_allocator(sys.argv)
+common.restart_with_allocator("benchmarks.inference_speedup", sys.argv[1:])
 
 import argparse  # noqa: E402
 

@@ -16,7 +16,7 @@ import sys
 
 from benchmarks import common
 
-common.maybe_tune_allocator(sys.argv)
+common.restart_with_allocator("benchmarks.input_pipeline", sys.argv[1:])
 
 import argparse  # noqa: E402
 import json  # noqa: E402

@@ -5,7 +5,9 @@ local devices, old state donated, augmentation inside the step) on uint8 batches
 device, and the same ``steps.train_step`` under ``jax.jit`` for comparison. The modes are timed
 in interleaved rounds in one process, so their ratio is measured under the same conditions.
 Compile time is the first call minus a steady step. Peak memory is the maximum resident size of
-a fresh process that compiles and runs one mode (``--peak-memory``).
+a fresh process that compiles and runs one mode (``--peak-memory``). The process runs with the
+host allocator the command line picks (``bpcp_jax/host.py``); ``--compare-allocators`` times the
+dense and search steps under every allocator available, one fresh process each.
 
     python -m benchmarks.train_throughput --json benchmarks/results/train_throughput.json
 """
@@ -16,11 +18,7 @@ import sys
 
 from benchmarks import common
 
-if "--no-huge-pages" not in sys.argv:  # time what the command line runs (bpcp_jax/host.py)
-  from bpcp_jax.host import reexec_with_huge_pages
-
-  reexec_with_huge_pages(["-m", "benchmarks.train_throughput", *sys.argv[1:]])
-common.maybe_tune_allocator(sys.argv)  # before jax starts its threads
+common.restart_with_allocator("benchmarks.train_throughput", sys.argv[1:])  # what the command line runs
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
@@ -82,21 +80,25 @@ def make_runner(mode: str, wrapper: str, model_name: str, batch: int):
   return run, first
 
 
-def peak_memory_child(mode: str, model_name: str, batch: int, tune_malloc: bool) -> float:
-  """Max RSS (GiB) of a fresh process that builds, compiles and runs 10 steps of ``mode``."""
-  cmd = [sys.executable, "-m", "benchmarks.train_throughput", "--_child", mode, "--model", model_name,
-         "--batch", str(batch), "--steps", "5", "--repeats", "2"] + (["--tune-malloc"] if tune_malloc else [])
-  out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=_repo_root())
-  return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_gib"])
+def _child(mode: str, model_name: str, batch: int, steps_: int, repeats: int, allocator=None) -> dict:
+  """Run ``mode`` in a fresh process (as it is, or restarted with ``allocator``): its JSON line."""
+  from bpcp_jax import host
 
-
-def throughput_child(mode: str, model_name: str, batch: int, steps_: int, repeats: int,
-                     tune_malloc: bool) -> float:
   cmd = [sys.executable, "-m", "benchmarks.train_throughput", "--_child", mode, "--model", model_name,
          "--batch", str(batch), "--steps", str(steps_), "--repeats", str(repeats)]
-  cmd += ["--tune-malloc"] if tune_malloc else []
-  out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=_repo_root())
-  return float(json.loads(out.stdout.strip().splitlines()[-1])["images_per_s"])
+  env = dict(os.environ)
+  if allocator is not None:  # undo this process's allocator, let the child choose the named one
+    for k in ("LD_PRELOAD", "GLIBC_TUNABLES", "MIMALLOC_PURGE_DELAY", host.DONE):
+      env.pop(k, None)
+    env[host.CHOICE] = allocator
+  out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=_repo_root(), env=env)
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def available_allocators() -> list[str]:
+  from bpcp_jax import host
+
+  return [a for a in host.ALLOCATORS if host.allocator_environment(a) is not None]
 
 
 def _repo_root():
@@ -106,7 +108,8 @@ def _repo_root():
 def child_main(args) -> None:
   run, _ = make_runner(args._child, "pmap", args.model, args.batch)
   times = [sum(common.timed(run) for _ in range(args.steps)) / args.steps for _ in range(args.repeats)]
-  print(json.dumps({"peak_rss_gib": common.peak_rss_gib(), "images_per_s": args.batch / common.median(times)}))
+  print(json.dumps({"peak_rss_gib": common.peak_rss_gib(), "images_per_s": args.batch / common.median(times),
+                    "allocator": common.environment()["host_allocator"]}))
 
 
 def main(argv=None) -> dict:
@@ -118,10 +121,8 @@ def main(argv=None) -> dict:
   p.add_argument("--modes", default=",".join(MODES))
   p.add_argument("--wrappers", default="pmap,jit", help="pmap (what the loop runs) and/or jit")
   p.add_argument("--peak-memory", action="store_true", help="max RSS of a fresh process per mode")
-  p.add_argument("--compare-malloc", action="store_true",
-                 help="also time the dense and search steps in a child process with --tune-malloc")
-  p.add_argument("--no-huge-pages", action="store_true",
-                 help="do not restart with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (the command line's setting)")
+  p.add_argument("--compare-allocators", action="store_true",
+                 help="also time the dense and search steps in a fresh process per available host allocator")
   p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args._child:
@@ -160,13 +161,22 @@ def main(argv=None) -> dict:
                                                / results[f"dense_step{suffix}_images_per_s"])
   if args.peak_memory:
     for m in modes:
-      results[f"{m}_peak_rss_gib"] = peak_memory_child(m, args.model, args.batch, args.tune_malloc)
+      results[f"{m}_peak_rss_gib"] = _child(m, args.model, args.batch, 5, 2)["peak_rss_gib"]
   else:
     results["process_peak_rss_gib"] = common.peak_rss_gib()
-  if args.compare_malloc:
-    for m in ("dense", "search"):
-      results[f"{m}_step_images_per_s_tuned_malloc"] = throughput_child(
-          m, args.model, args.batch, args.steps, args.repeats, tune_malloc=True)
+  if args.compare_allocators:
+    # one fresh process per (allocator, mode), rounds of the allocators interleaved
+    allocators = available_allocators()
+    per = {(a, m): [] for a in allocators for m in ("dense", "search")}
+    for _ in range(1 if args.quick else 2):
+      for a in allocators:
+        for m in ("dense", "search"):
+          per[(a, m)].append(_child(m, args.model, args.batch, args.steps, args.repeats, allocator=a))
+    results["allocators"] = {f"{a}_{m}": {"images_per_s": common.median([r["images_per_s"] for r in rs]),
+                                          "runs_images_per_s": [r["images_per_s"] for r in rs],
+                                          "peak_rss_gib": max(r["peak_rss_gib"] for r in rs),
+                                          "ran_with": sorted({r["allocator"] for r in rs})}
+                             for (a, m), rs in per.items()}
 
   for (m, w) in runners:
     suffix = "" if w == "pmap" else "_jit"
@@ -182,12 +192,15 @@ def main(argv=None) -> dict:
     suffix = "" if w == "pmap" else "_jit"
     if f"search_over_dense{suffix}" in results:
       extra.append(f"search / dense ({w}): {results[f'search_over_dense{suffix}']:.2f}")
-  for m in ("dense", "search"):
-    if f"{m}_step_images_per_s_tuned_malloc" in results:
-      extra.append(f"{m} step (pmap) with --tune-malloc, child process: "
-                   f"{results[f'{m}_step_images_per_s_tuned_malloc']:.1f} images/s")
   if extra:
     table += "\n\n" + "\n".join(f"- {e}" for e in extra)
+  if "allocators" in results:
+    alloc_rows = [[a, results["allocators"][f"{a}_dense"]["images_per_s"],
+                   results["allocators"][f"{a}_search"]["images_per_s"],
+                   max(results["allocators"][f"{a}_{m}"]["peak_rss_gib"] for m in ("dense", "search"))]
+                  for a in available_allocators()]
+    table += "\n\nHost allocator (a fresh process each, pmap steps, median of 2 interleaved runs):\n\n" + common.markdown_table(
+        ["allocator", "dense img/s", "search img/s", "peak RSS GiB"], alloc_rows)
   common.write_outputs("train_throughput", args, results, table)
   return results
 

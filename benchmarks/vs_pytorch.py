@@ -1,4 +1,4 @@
-"""bpcp_jax beside PyTorch on the same machine, in one process, rounds interleaved.
+"""bpcp_jax beside PyTorch on the same machine, in one run, rounds interleaved.
 
 The PyTorch side is a plain eager implementation of the same ResNet-v2-56 (pre-activation
 bottleneck, written here from the architecture description) trained the way the original BPCP
@@ -7,7 +7,10 @@ samples the block gates on the host, runs the gated forward, and sets the logits
 dL/dg * p(1 - p) with a second optimizer. The JAX side is the steps the training loop runs
 (``parallel.parallel_train_step``). Both get uint8 batches: PyTorch normalises on the host (its
 augmentation cost is left out, to its advantage), JAX augments inside the step. Also timed:
-inference at batch 1 and 128. Needs ``torch`` (not a dependency of the package):
+inference at batch 1 and 128. Each side runs in a worker process of its own (same interpreter,
+same host allocator), and the rounds of the sides alternate with a short idle between them: in
+one process, PyTorch's OpenMP threads spinning after each parallel region slowed the JAX steps
+by a third. Needs ``torch`` (not a dependency of the package):
 
     pip install torch
     python -m benchmarks.vs_pytorch --json benchmarks/results/vs_pytorch.json
@@ -16,15 +19,15 @@ inference at batch 1 and 128. Needs ``torch`` (not a dependency of the package):
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 import time
 
 from benchmarks import common
 
-if "--no-huge-pages" not in sys.argv:  # both sides run with the command line's malloc setting
-  from bpcp_jax.host import reexec_with_huge_pages
+common.restart_with_allocator("benchmarks.vs_pytorch", sys.argv[1:])  # one allocator for both sides
 
-  reexec_with_huge_pages(["-m", "benchmarks.vs_pytorch", *sys.argv[1:]])
 
 def torch_resnet_v2(depth: int, num_classes: int = 10):
   import torch
@@ -140,34 +143,82 @@ def jax_runners(batch: int):
   return runs
 
 
+SIDES = ("pytorch_eager", "pytorch_channels_last", "bpcp_jax")
+
+
+def worker_main(side: str, batch: int, threads: int) -> None:
+  """Serve one side: build and warm its runners, then time ``name count`` requests from stdin."""
+  if side.startswith("pytorch"):
+    import torch
+
+    torch.set_num_threads(threads)
+    runs = torch_runners(batch, side == "pytorch_channels_last")
+  else:
+    runs = jax_runners(batch)
+  for fn in runs.values():  # warm-up and compile
+    common.timed(fn)
+  print("ready", flush=True)
+  for line in sys.stdin:
+    name, count = line.split()
+    print(sum(common.timed(runs[name]) for _ in range(int(count))) / int(count), flush=True)
+
+
+class Worker:
+  """A side in its own process (same interpreter, same allocator): no thread pool of one side
+  (PyTorch's OpenMP threads spin after each parallel region) can slow the other."""
+
+  def __init__(self, side: str, batch: int, threads: int):
+    cmd = [sys.executable, "-m", "benchmarks.vs_pytorch", "--_worker", side, "--batch", str(batch),
+           "--threads", str(threads)]
+    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if self.proc.stdout.readline().strip() != "ready":
+      raise SystemExit(f"benchmarks.vs_pytorch: the {side} worker failed to start (see its error above)")
+
+  def time(self, name: str, count: int) -> float:
+    self.proc.stdin.write(f"{name} {count}\n")
+    self.proc.stdin.flush()
+    return float(self.proc.stdout.readline())
+
+  def close(self):
+    self.proc.stdin.close()
+    self.proc.wait()
+
+
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   common.add_common_args(p)
   p.add_argument("--batch", type=int, default=128)
   p.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads (the machine's cores)")
-  p.add_argument("--no-huge-pages", action="store_true", help="do not restart with huge-page malloc")
+  p.add_argument("--settle", type=float, default=1.0,
+                 help="seconds of idle between two sides' rounds (idle thread pools stop spinning)")
+  p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
+  batch = 8 if args.quick else args.batch
+  if args._worker:
+    worker_main(args._worker, args.batch, args.threads)
+    return {}
   try:
     import torch
   except ImportError:
     raise SystemExit("benchmarks.vs_pytorch needs torch: pip install torch")
-  torch.set_num_threads(args.threads)
-  batch = 8 if args.quick else args.batch
-  sides = {"pytorch_eager": torch_runners(batch, False), "pytorch_channels_last": torch_runners(batch, True),
-           "bpcp_jax": jax_runners(batch)}
+  sides = {s: Worker(s, batch, args.threads) for s in SIDES}
   reps = {"dense": 3, "search": 3, "infer_b1": 50, "infer_b128": 3}
   if args.quick:
     reps = {k: 1 for k in reps}
-  for side in sides.values():  # warm-up and compile
-    for fn in side.values():
-      common.timed(fn)
   times = {(s, k): [] for s in sides for k in reps}
-  for _ in range(1 if args.quick else args.repeats):  # interleaved rounds
-    for s, side in sides.items():
-      for k, n in reps.items():
-        times[(s, k)].append(sum(common.timed(side[k]) for _ in range(n)) / n)
+  try:
+    for _ in range(1 if args.quick else args.repeats):  # interleaved rounds
+      for s, worker in sides.items():
+        time.sleep(args.settle)
+        for k, n in reps.items():
+          times[(s, k)].append(worker.time(k, n))
+  finally:
+    for worker in sides.values():
+      worker.close()
   med = {key: common.median(v) for key, v in times.items()}
-  results = {"batch": batch, "torch_version": torch.__version__, "torch_threads": args.threads}
+  results = {"batch": batch, "torch_version": torch.__version__, "torch_threads": args.threads,
+             "settle_s": args.settle, "processes": "one worker per side"}
   rows = []
   for s in sides:
     results[f"{s}_dense_step_images_per_s"] = batch / med[(s, "dense")]
@@ -189,5 +240,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  t0 = time.time()
   main(sys.argv[1:])

@@ -138,10 +138,10 @@ def _profile(args, config) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  if argv is None:  # run as a program: restart with huge-page malloc first (see host.py)
-    from bpcp_jax.host import reexec_with_huge_pages
+  if argv is None:  # run as a program: restart with a better host allocator first (see host.py)
+    from bpcp_jax.host import reexec_with_allocator
 
-    reexec_with_huge_pages(["-m", "bpcp_jax.cli", *sys.argv[1:]])
+    reexec_with_allocator(["-m", "bpcp_jax.cli", *sys.argv[1:]])
   argv = list(sys.argv[1:] if argv is None else argv)
   overrides = [a for a in argv if a.startswith("--config.")]
   args = _parser().parse_args([a for a in argv if not a.startswith("--config.")])

@@ -37,6 +37,18 @@ def test_train_throughput_quick(tmp_path):
   assert r["process_peak_rss_gib"] > 0
 
 
+def test_train_throughput_compares_allocators(tmp_path):
+  from benchmarks.train_throughput import available_allocators
+
+  r = run_benchmark("train_throughput", tmp_path, "--modes", "dense", "--compare-allocators")
+  allocators = available_allocators()
+  assert "glibc" in allocators and "glibc-hugetlb" in allocators
+  assert set(r["allocators"]) == {f"{a}_{m}" for a in allocators for m in ("dense", "search")}
+  for key, row in r["allocators"].items():
+    assert row["images_per_s"] > 0 and row["peak_rss_gib"] > 0
+    assert row["ran_with"] == [key.rsplit("_", 1)[0]]  # each child really ran with its allocator
+
+
 def test_inference_speedup_quick(tmp_path):
   r = run_benchmark("inference_speedup", tmp_path)
   names = [n["name"] for n in r["networks"]]

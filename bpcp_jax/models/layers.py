@@ -1,9 +1,11 @@
 """Layers and initialisers the ResNet families are built from.
 
-``Conv1x1`` computes a 1x1 convolution as an einsum over channels (a strided one as a strided
-slice first). Its parameter is the same ``kernel`` of shape (1, 1, in, out) that ``nn.Conv``
-would hold, so checkpoints and slicing do not care which implementation ran; XLA's CPU
-backend differentiates the einsum about twice as fast as the equivalent convolution.
+``Conv1x1`` computes a 1x1 convolution as one matrix product of the pixels (flattened to rows)
+and the kernel (a strided one takes a strided slice first). Its parameter is the same ``kernel``
+of shape (1, 1, in, out) that ``nn.Conv`` would hold, so checkpoints and slicing do not care
+which implementation ran. On XLA's CPU backend it trains much faster than the convolution: the
+product's weight gradient is a plain 2-D matmul, where the convolution's (and a 4-D einsum's)
+goes through layout transposes and a slow generic dot.
 ``BatchNorm`` keeps Flax's variables and numerics but fuses the following ReLU and computes its
 backward in fewer passes (about 25% less time for BN + ReLU on CPU).
 """
@@ -46,7 +48,7 @@ def dense_inits(style: str, fan_in: int) -> tuple[Callable, Callable]:
 
 
 class Conv1x1(nn.Module):
-  """1x1 convolution without bias, as an einsum; parameters compatible with ``nn.Conv``."""
+  """1x1 convolution without bias, as a 2-D matmul over pixels; parameters compatible with ``nn.Conv``."""
 
   features: int
   strides: int = 1
@@ -60,7 +62,11 @@ class Conv1x1(nn.Module):
     if self.strides > 1:
       x = x[:, :: self.strides, :: self.strides, :]
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    return jnp.einsum("nhwc,cd->nhwd", x, kernel[0, 0])
+    # flattened to rows first: written as a 4-D einsum, the weight gradient of a 32x32 layer took
+    # XLA's CPU backend 3-5x as long (transposes and a generic dot instead of one matmul)
+    lead = x.shape[:-1]
+    rows = jnp.dot(x.reshape(-1, x.shape[-1]), kernel[0, 0])
+    return rows.reshape(*lead, self.features)
 
 
 def _bc(v, x):
