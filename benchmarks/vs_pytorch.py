@@ -134,7 +134,7 @@ def jax_runners(batch: int):
 
   runs = {m: make_runner(m, "pmap", "resnet_v2_56", batch)[0] for m in ("dense", "search")}
   model = bp.create_model("resnet_v2_56")
-  variables = common.fast_init(model, 0)
+  variables = jax.device_put(common.fast_init(model, 0))  # on the device, as after training
   apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
   x1 = jax.device_put(np.zeros((1, 32, 32, 3), np.float32))
   x128 = jax.device_put(np.zeros((batch, 32, 32, 3), np.float32))
