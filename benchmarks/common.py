@@ -138,26 +138,35 @@ def timed(fn: Callable[[], Any]) -> float:
   return time.perf_counter() - t
 
 
-def interleaved_inference(nets: Sequence[tuple[str, Any, Any]], x_small, x_large, repeats: int, calls: int,
+def interleaved_inference(nets: Sequence[tuple], x_small, x_large, repeats: int, calls: int,
                           large_calls: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-  """Time jitted eval-mode ``model.apply`` of every ``(name, model, variables)`` in interleaved
-  rounds (load drifts hit every network alike). Per round and network: the median seconds of
-  ``calls`` calls on ``x_small`` and the images/s of ``large_calls`` calls on ``x_large``."""
+  """Time eval-mode inference of every ``(name, model, variables[, weights])`` in interleaved
+  rounds (load drifts hit every network alike). ``weights`` is ``"constant"`` (the default: the
+  deployed form, ``bp.make_predictor``) or ``"argument"`` (``jax.jit(model.apply)`` with the
+  variables on the device). Per round and network: the median seconds of ``calls`` calls on
+  ``x_small`` and the images/s of ``large_calls`` calls on ``x_large``."""
   import jax
 
+  import bpcp_jax as bp
+
   fns = []
-  for name, model, variables in nets:
-    apply = jax.jit(lambda v, x, m=model: m.apply(v, x, train=False))
-    variables = jax.device_put(variables)  # as a trained model holds them: no copy per call
-    block(apply(variables, x_small))  # compile both shapes before timing
-    block(apply(variables, x_large))
-    fns.append((name, apply, variables))
-  lat = {name: [] for name, _, _ in fns}
-  thr = {name: [] for name, _, _ in fns}
+  for name, model, variables, *weights in nets:
+    if (weights or ["constant"])[0] == "constant":
+      predict = bp.make_predictor(model, variables)
+      call = lambda x, p=predict: p(x)  # noqa: E731
+    else:
+      apply = jax.jit(lambda v, x, m=model: m.apply(v, x, train=False))
+      on_device = jax.device_put(variables)  # as a trained model holds them: no copy per call
+      call = lambda x, a=apply, v=on_device: a(v, x)  # noqa: E731
+    block(call(x_small))  # compile both shapes before timing
+    block(call(x_large))
+    fns.append((name, call))
+  lat = {name: [] for name, _ in fns}
+  thr = {name: [] for name, _ in fns}
   for _ in range(repeats):
-    for name, apply, v in fns:
-      lat[name].append(median([timed(lambda: apply(v, x_small)) for _ in range(calls)]))
-      thr[name].append(large_calls * x_large.shape[0] / sum(timed(lambda: apply(v, x_large)) for _ in range(large_calls)))
+    for name, call in fns:
+      lat[name].append(median([timed(lambda: call(x_small)) for _ in range(calls)]))
+      thr[name].append(large_calls * x_large.shape[0] / sum(timed(lambda: call(x_large)) for _ in range(large_calls)))
   return lat, thr
 
 

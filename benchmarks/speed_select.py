@@ -25,7 +25,8 @@ import sys
 
 from benchmarks import common
 
-common.restart_with_allocator("benchmarks.speed_select", sys.argv[1:])
+if __name__ == "__main__":  # with the command line's allocator, before jax starts
+  common.restart_with_allocator("benchmarks.speed_select", sys.argv[1:])
 
 import argparse  # noqa: E402
 import json  # noqa: E402

@@ -18,7 +18,8 @@ import sys
 
 from benchmarks import common
 
-common.restart_with_allocator("benchmarks.train_throughput", sys.argv[1:])  # what the command line runs
+if __name__ == "__main__":  # with the command line's allocator, before jax starts
+  common.restart_with_allocator("benchmarks.train_throughput", sys.argv[1:])
 
 import argparse  # noqa: E402
 import functools  # noqa: E402

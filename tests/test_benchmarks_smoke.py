@@ -38,10 +38,10 @@ def test_train_throughput_quick(tmp_path):
 
 
 def test_train_throughput_compares_allocators(tmp_path):
-  from benchmarks.train_throughput import available_allocators
+  from bpcp_jax import host
 
   r = run_benchmark("train_throughput", tmp_path, "--modes", "dense", "--compare-allocators")
-  allocators = available_allocators()
+  allocators = [a for a in host.ALLOCATORS if host.allocator_environment(a) is not None]
   assert "glibc" in allocators and "glibc-hugetlb" in allocators
   assert set(r["allocators"]) == {f"{a}_{m}" for a in allocators for m in ("dense", "search")}
   for key, row in r["allocators"].items():
