@@ -44,7 +44,18 @@ def add_common_args(parser) -> None:
 
 
 def peak_rss_gib() -> float:
-  """This process's maximum resident set size so far (Linux reports KiB)."""
+  """This program's maximum resident set size so far, in GiB.
+
+  On Linux from ``/proc/self/status`` (VmHWM: since the last ``exec``). ``getrusage``'s maximum
+  survives ``exec`` and, for a child started by ``subprocess`` (vfork), starts at the parent's
+  peak, so a child would report at least what its parent used."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) / (1024.0**2)
+  except OSError:
+    pass
   kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   return kib / (1024.0**2) if sys.platform != "darwin" else kib / 1024.0**3
 

@@ -5,15 +5,18 @@ ResNet-v2-56 step at batch 128). glibc serves each with a new ``mmap`` and unmap
 so every step page-faults and zeroes 1.7 GB again. An allocator that keeps freed memory for
 reuse removes that. Measured on the 2-core AMD EPYC (``python -m benchmarks.train_throughput
 --compare-allocators``, ``benchmarks/results/train_throughput.md``): glibc as it is loses about
-a third of the step to the kernel; mimalloc and tcmalloc remove it; glibc with transparent huge
-pages removes most of it but stalls now and then on compaction.
+a third of the step to the kernel; tcmalloc removes it, run after run; mimalloc mostly does but
+varied more between runs; glibc with transparent huge pages removes most of it but stalls now
+and then on compaction.
 
 The first of these that is available is used (``BPCP_ALLOCATOR`` names one to force it):
 
-- ``mimalloc``: from the ``cmeel-mimalloc`` wheel (``pip install "bpcp-jax[cpu]"``), with freed
-  pages kept (``MIMALLOC_PURGE_DELAY=-1``);
 - ``tcmalloc``: the system's ``libtcmalloc_minimal`` or ``libtcmalloc`` (Debian:
   ``apt-get install libtcmalloc-minimal4``; Colab preloads it already);
+- ``mimalloc``: from the ``cmeel-mimalloc`` wheel (``pip install "bpcp-jax[cpu]"``, for machines
+  where no system package can be installed), freed pages kept for a second
+  (``MIMALLOC_PURGE_DELAY=1000``: a step reuses the last step's memory; never returning it,
+  ``-1``, let the resident size balloon to 6 GiB in some runs);
 - ``glibc-hugetlb``: glibc with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``;
 - ``glibc``: nothing changed.
 
@@ -34,7 +37,7 @@ from typing import Optional, Sequence
 OPT_OUT = "BPCP_NO_HOST_TUNING"
 CHOICE = "BPCP_ALLOCATOR"  # set by the user to force one; set by the restart to record the choice
 DONE = "BPCP_ALLOCATOR_SET"  # marks the restarted process, so it never restarts again
-ALLOCATORS = ("mimalloc", "tcmalloc", "glibc-hugetlb", "glibc")
+ALLOCATORS = ("tcmalloc", "mimalloc", "glibc-hugetlb", "glibc")
 HUGETLB = "glibc.malloc.hugetlb=1"
 _KNOWN_PRELOADS = ("malloc", "jemalloc")  # libtcmalloc*, libjemalloc*, libmimalloc*
 
@@ -63,7 +66,7 @@ def allocator_environment(choice: str) -> Optional[dict]:
   """The variables that select ``choice`` in a new process, or None where it is not available."""
   if choice == "mimalloc":
     lib = mimalloc_library()
-    return None if lib is None else {"LD_PRELOAD": lib, "MIMALLOC_PURGE_DELAY": "-1"}
+    return None if lib is None else {"LD_PRELOAD": lib, "MIMALLOC_PURGE_DELAY": "1000"}
   if choice == "tcmalloc":
     lib = tcmalloc_library()
     return None if lib is None else {"LD_PRELOAD": lib}
