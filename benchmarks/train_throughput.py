@@ -124,6 +124,8 @@ def main(argv=None) -> dict:
   p.add_argument("--peak-memory", action="store_true", help="max RSS of a fresh process per mode")
   p.add_argument("--compare-allocators", action="store_true",
                  help="also time the dense and search steps in a fresh process per available host allocator")
+  p.add_argument("--allocators", default="",
+                 help="with --compare-allocators: only these (comma-separated; default every available one)")
   p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args._child:
@@ -167,7 +169,7 @@ def main(argv=None) -> dict:
     results["process_peak_rss_gib"] = common.peak_rss_gib()
   if args.compare_allocators:
     # one fresh process per (allocator, mode), rounds of the allocators interleaved
-    allocators = available_allocators()
+    allocators = [a for a in available_allocators() if not args.allocators or a in args.allocators.split(",")]
     per = {(a, m): [] for a in allocators for m in ("dense", "search")}
     for _ in range(1 if args.quick else 2):
       for a in allocators:
@@ -199,7 +201,7 @@ def main(argv=None) -> dict:
     alloc_rows = [[a, results["allocators"][f"{a}_dense"]["images_per_s"],
                    results["allocators"][f"{a}_search"]["images_per_s"],
                    max(results["allocators"][f"{a}_{m}"]["peak_rss_gib"] for m in ("dense", "search"))]
-                  for a in available_allocators()]
+                  for a in allocators]
     table += "\n\nHost allocator (a fresh process each, pmap steps, median of 2 interleaved runs):\n\n" + common.markdown_table(
         ["allocator", "dense img/s", "search img/s", "peak RSS GiB"], alloc_rows)
   common.write_outputs("train_throughput", args, results, table)

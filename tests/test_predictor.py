@@ -11,7 +11,7 @@ from tests.nets import TwoInputNet
 
 
 def test_predictor_matches_apply_dense_and_materialized():
-  model = bp.create_model("resnet_v2_20")
+  model = bp.create_model("resnet_v2_11")
   variables = perturbed_variables(model, jax.random.key(0))
   x = images(jax.random.key(1), 3)
   predict = bp.make_predictor(model, variables)
