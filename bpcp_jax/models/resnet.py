@@ -31,7 +31,8 @@ class ResNet(nn.Module):
     init_style: ``"flax"`` (Flax defaults) or ``"original"`` (the original code's init).
     bn_axis_name: when set, train-mode BN averages its batch statistics over this mapped axis
       (``jax.pmap(..., axis_name=...)``), so many devices compute what one device would.
-    conv1x1: ``"einsum"`` (fast on CPU) or ``"conv"`` (``nn.Conv``); same parameters.
+    conv1x1: ``"einsum"`` (``layers.Conv1x1``: a matmul over the pixels, fast on CPU) or ``"conv"``
+      (``nn.Conv``); same parameters.
   """
 
   spec: ArchSpec
