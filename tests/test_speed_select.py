@@ -51,13 +51,16 @@ def test_macs_target_is_met_and_widths_are_rounded(mobilenet, round_to):
 
 def test_latency_budget_is_checked_by_measuring_the_materialized_network(mobilenet):
   _, variables, x, net = mobilenet
-  dense_ms = measure_latency(*mobilenet[:2], x)
+  dense_ms = min(measure_latency(*mobilenet[:2], x) for _ in range(3))  # the fastest: noise only slows
   budget = 0.8 * dense_ms
   sel = select_pruning(net, variables, cost="latency", latency_budget_ms=budget, round_to=4, timer=OpTimer(repeats=1),
                        progress=False)
   # the search stops only when a measurement of the materialized selection met the budget
   assert sel.target_met and sel.measured_ms is not None and sel.measured_ms <= budget
-  assert sel.history and sel.timer.measured > 0
+  if sel.dense_measured_ms > budget:  # on a noisy machine the dense network can measure under it
+    assert sel.history and sel.timer.measured > 0
+  else:
+    assert not sel.history
 
 
 def test_resnet_selection_gives_family_masks(tmp_path):
