@@ -66,6 +66,8 @@ def environment() -> dict[str, Any]:
   import jaxlib
   import optax
 
+  from bpcp_jax.host import current_allocator
+
   dev = jax.devices()[0]
   return {
       "device": {"platform": dev.platform, "device_kind": dev.device_kind, "device_count": jax.device_count(),
@@ -77,16 +79,10 @@ def environment() -> dict[str, Any]:
       "argv": list(sys.argv),
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "host_allocator": _allocator(),
+      "host_allocator": current_allocator(),
       "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
       "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
   }
-
-
-def _allocator() -> str:
-  from bpcp_jax.host import current_allocator
-
-  return current_allocator()
 
 
 def _cpu_model() -> str:

@@ -89,17 +89,11 @@ def _child(mode: str, model_name: str, batch: int, steps_: int, repeats: int, al
          "--batch", str(batch), "--steps", str(steps_), "--repeats", str(repeats)]
   env = dict(os.environ)
   if allocator is not None:  # undo this process's allocator, let the child choose the named one
-    for k in ("LD_PRELOAD", "GLIBC_TUNABLES", "MIMALLOC_PURGE_DELAY", host.DONE):
+    for k in (*host.SET_VARIABLES, host.DONE):
       env.pop(k, None)
     env[host.CHOICE] = allocator
   out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=_repo_root(), env=env)
   return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def available_allocators() -> list[str]:
-  from bpcp_jax import host
-
-  return [a for a in host.ALLOCATORS if host.allocator_environment(a) is not None]
 
 
 def _repo_root():
@@ -169,6 +163,8 @@ def main(argv=None) -> dict:
     results["process_peak_rss_gib"] = common.peak_rss_gib()
   if args.compare_allocators:
     # one fresh process per (allocator, mode), rounds of the allocators interleaved
+    from bpcp_jax.host import available_allocators
+
     allocators = [a for a in available_allocators() if not args.allocators or a in args.allocators.split(",")]
     per = {(a, m): [] for a in allocators for m in ("dense", "search")}
     for _ in range(1 if args.quick else 2):

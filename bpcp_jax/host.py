@@ -39,6 +39,7 @@ CHOICE = "BPCP_ALLOCATOR"  # set by the user to force one; set by the restart to
 DONE = "BPCP_ALLOCATOR_SET"  # marks the restarted process, so it never restarts again
 ALLOCATORS = ("tcmalloc", "mimalloc", "glibc-hugetlb", "glibc")
 HUGETLB = "glibc.malloc.hugetlb=1"
+SET_VARIABLES = ("LD_PRELOAD", "GLIBC_TUNABLES", "MIMALLOC_PURGE_DELAY")  # what the choices set
 _KNOWN_PRELOADS = ("malloc", "jemalloc")  # libtcmalloc*, libjemalloc*, libmimalloc*
 
 
@@ -77,6 +78,11 @@ def allocator_environment(choice: str) -> Optional[dict]:
   raise ValueError(f"{CHOICE}={choice!r} unknown; choose from {ALLOCATORS}")
 
 
+def available_allocators() -> list[str]:
+  """The allocators this machine can run with, in order of preference."""
+  return [a for a in ALLOCATORS if allocator_environment(a) is not None]
+
+
 def user_chose(env=None) -> bool:
   env = os.environ if env is None else env
   preload = os.path.basename(env.get("LD_PRELOAD", ""))
@@ -93,11 +99,8 @@ def choose_allocator(env=None) -> tuple[str, dict]:
       raise SystemExit(f"{CHOICE}={forced}: not available here (mimalloc needs `pip install cmeel-mimalloc`, "
                        "tcmalloc needs libtcmalloc_minimal from the system)")
     return forced, variables
-  for name in ALLOCATORS:
-    variables = allocator_environment(name)
-    if variables is not None:
-      return name, variables
-  return "glibc", {}
+  name = available_allocators()[0]  # plain glibc is always available
+  return name, allocator_environment(name)
 
 
 def current_allocator() -> str:

@@ -12,7 +12,7 @@ PRINT_ENV = ("import os; from bpcp_jax.host import current_allocator; "
              "print(current_allocator(), os.environ.get('LD_PRELOAD', '-'), os.environ.get('GLIBC_TUNABLES', '-'))")
 SCRIPT = ("import sys; from bpcp_jax.host import reexec_with_allocator; "
           f"reexec_with_allocator(['-c', {PRINT_ENV!r}]); print('not restarted')")
-VARIABLES = ("GLIBC_TUNABLES", "LD_PRELOAD", "MIMALLOC_PURGE_DELAY", host.OPT_OUT, host.CHOICE, host.DONE)
+VARIABLES = (*host.SET_VARIABLES, host.OPT_OUT, host.CHOICE, host.DONE)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the restart is Linux-only")
 
@@ -24,7 +24,7 @@ def _run(env):
 
 def test_restarts_once_with_the_best_available_allocator():
   name, variables = host.choose_allocator({})
-  assert name == next(a for a in host.ALLOCATORS if host.allocator_environment(a) is not None)
+  assert name == host.available_allocators()[0]
   allocator, preload, tunables = _run({}).split()
   assert allocator == name
   assert preload == variables.get("LD_PRELOAD", "-") and tunables == variables.get("GLIBC_TUNABLES", "-")
@@ -48,7 +48,7 @@ def test_mimalloc_is_preloaded_and_keeps_freed_pages_a_while():
 def test_an_unknown_or_missing_allocator_is_named():
   with pytest.raises(ValueError, match="'jemalloc' unknown"):
     host.choose_allocator({host.CHOICE: "jemalloc"})
-  missing = [a for a in host.ALLOCATORS if host.allocator_environment(a) is None]
+  missing = [a for a in host.ALLOCATORS if a not in host.available_allocators()]
   for name in missing:
     with pytest.raises(SystemExit, match=f"{host.CHOICE}={name}: not available"):
       host.choose_allocator({host.CHOICE: name})
