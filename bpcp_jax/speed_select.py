@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import numpy as np
@@ -279,6 +279,7 @@ def select_pruning(
     min_channels: int = 1,
     prune_blocks: bool = True,
     timer: Optional[OpTimer] = None,
+    measure: Optional[Callable[..., float]] = None,
     max_checks: int = 8,
     progress: bool = True,
 ) -> Selection:
@@ -288,6 +289,9 @@ def select_pruning(
   ``latency_budget_ms`` (the materialized network at batch ``batch`` must measure at most this
   on this device). ``cost`` is what an action saves: ``"macs"`` or measured ``"latency"`` at
   batch ``batch``. ``importance`` (per group, per channel) defaults to ``traced_importance``.
+  ``measure(model, variables, *inputs) -> ms`` measures a materialized selection against the
+  budget (default ``latency.measure_latency``, on the default device); at most ``max_checks``
+  measurements are taken before the search gives up with ``target_met=False``.
   """
   if cost not in COSTS:
     raise ValueError(f"cost {cost!r} unknown; choose from {', '.join(COSTS)}")
@@ -302,6 +306,7 @@ def select_pruning(
   if importance is None:
     importance = traced_importance(net, variables, criterion)
   timer = timer or (OpTimer() if cost == "latency" or latency_budget_ms is not None else None)
+  measure = measure or measure_latency
   search = _Search(net, importance, cost, timer, batch, round_to, min_channels, prune_blocks)
   dense_macs = search.total_macs()
   history: list[dict] = []
@@ -311,7 +316,7 @@ def select_pruning(
     if cost != "latency":
       raise ValueError("a latency budget needs cost='latency'")
     predicted_dense = search.total_cost()
-    dense_ms = _measure(net, variables, search, batch)
+    dense_ms = _measure(net, variables, search, measure)
     scale = dense_ms / predicted_dense
 
   bar = _progress(progress)
@@ -320,7 +325,7 @@ def select_pruning(
     if macs_fraction is not None and search.total_macs() <= macs_fraction * dense_macs:
       break
     if latency_budget_ms is not None and search.total_cost() * scale <= latency_budget_ms:
-      measured = _measure(net, variables, search, batch)
+      measured = _measure(net, variables, search, measure)
       checks += 1
       if measured <= latency_budget_ms:
         break
@@ -346,10 +351,10 @@ def select_pruning(
   return Selection(search.masks(), history, dense_macs, search.total_macs(), predicted, measured, dense_ms, met, timer)
 
 
-def _measure(net, variables, search, batch) -> float:
+def _measure(net, variables, search, measure) -> float:
   small, small_vars = materialize_traced(net, variables, search.masks(), *search.inputs)
   x = jax.tree_util.tree_map(lambda s: np.random.default_rng(0).normal(size=s.shape).astype(s.dtype), search.inputs)
-  return measure_latency(small, small_vars, *x)
+  return float(measure(small, small_vars, *x))
 
 
 def _progress(enabled: bool) -> Any:

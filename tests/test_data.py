@@ -64,7 +64,7 @@ def _make_tar(src_dir, out_path):
 # --------------------------------------------------------------------------------------
 
 
-def test_real_archive_small_and_cache(tmp_path, cifar_archive):
+def test_real_archive_small_and_cache(tmp_path, cifar_archive, monkeypatch):
   cache = tmp_path / "cache"
   train = data.load_image_folder(cifar_archive, "train", cache_dir=str(cache),
                                  max_per_class=20, progress=False)
@@ -85,10 +85,12 @@ def test_real_archive_small_and_cache(tmp_path, cifar_archive):
   assert not list(cache.glob("*.tmp"))
   mtime = files[0].stat().st_mtime_ns
 
-  start = time.perf_counter()
+  def no_archive_pass(*args, **kwargs):
+    raise AssertionError("the archive was read again instead of the cache")
+
+  monkeypatch.setattr(data, "_read_split", no_archive_pass)
   again = data.load_image_folder(cifar_archive, "train", cache_dir=str(cache),
                                  max_per_class=20, progress=False)
-  assert time.perf_counter() - start < 1.0  # from the cache, not a 1.7 s archive pass
   assert files[0].stat().st_mtime_ns == mtime  # not rewritten
   np.testing.assert_array_equal(again.images, train.images)
   np.testing.assert_array_equal(again.labels, train.labels)
@@ -396,16 +398,6 @@ def test_augment_is_crop_and_flip_of_padded_input():
   black = np.asarray(data.normalize(np.zeros((1, 1, 1, 3), np.uint8)))[0, 0, 0]
   shifted = [i for i in range(64) if out[i, 0, 0, 0] == black[0] and out[i, 0, 1, 0] == black[0]]
   assert shifted
-
-
-def test_augment_speed_batch_128():
-  images = _random_images(n=128)
-  aug = jax.jit(data.augment)
-  aug(jax.random.PRNGKey(0), images).block_until_ready()  # compile
-  start = time.perf_counter()
-  for i in range(10):
-    aug(jax.random.PRNGKey(i), images).block_until_ready()
-  assert (time.perf_counter() - start) / 10 < 0.1
 
 
 # --------------------------------------------------------------------------------------

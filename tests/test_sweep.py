@@ -6,7 +6,6 @@ import glob
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -152,9 +151,8 @@ def tiny_sweep(tmp_path_factory, cifar_archive):
   workdir = str(root / "out")
   args = ["sweep", "--sweep", path, "--workdir", workdir, "--data", cifar_archive, "--no-progress",
           f"--config.data.cache_dir={root / 'cache'}"]
-  t0 = time.time()
   code, out = _cli(args)
-  return workdir, args, code, out, time.time() - t0
+  return workdir, args, code, out
 
 
 def _csv(workdir):
@@ -163,7 +161,7 @@ def _csv(workdir):
 
 
 def test_sweep_runs_records_failure_and_writes_results(tiny_sweep):
-  workdir, _, code, out, _ = tiny_sweep
+  workdir, _, code, out = tiny_sweep
   assert code == 1, out  # one run failed
   rows = {r["name"]: r for r in _csv(workdir)}
   assert list(rows) == ["gamma=0.05", "gamma=0.2", "criterion=nope"], out
@@ -189,14 +187,11 @@ def test_sweep_runs_records_failure_and_writes_results(tiny_sweep):
 
 
 def test_sweep_rerun_skips_finished_runs(tiny_sweep):
-  workdir, args, _, _, first_s = tiny_sweep
+  workdir, args, _, _ = tiny_sweep
   summaries = [os.path.join(workdir, "runs", n, "summary.json") for n in ("gamma=0.05", "gamma=0.2")]
   before = [os.stat(p).st_mtime_ns for p in summaries]
-  t0 = time.time()
   code, out = _cli(args)
-  rerun_s = time.time() - t0
   assert code == 1, out  # the bad run is tried again and fails again
   assert "gamma=0.05: skipped" in out and "gamma=0.2: skipped" in out, out
   assert [os.stat(p).st_mtime_ns for p in summaries] == before
   assert [r["status"] for r in _csv(workdir)] == ["done", "done", "failed"]
-  assert rerun_s < first_s / 2, (rerun_s, first_s)
