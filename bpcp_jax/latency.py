@@ -1,9 +1,9 @@
 """Measured latency on the device that runs this process: whole networks and single layers.
 
-``measure_latency`` times a jitted network call (median of several, after a warm-up, with the
-result blocked on). ``OpTimer`` times one primitive of a traced program at given shapes, in
-isolation, and remembers every shape it has timed: the per-layer cost table that speed-aware
-selection reads. Times are in milliseconds.
+``measure_latency`` times a network as it is deployed (``predictor.make_predictor``: median of
+several calls, after a warm-up, with the result blocked on). ``OpTimer`` times one primitive of
+a traced program at given shapes, in isolation, and remembers every shape it has timed: the
+per-layer cost table that speed-aware selection reads. Times are in milliseconds.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from bpcp_jax.predictor import make_predictor
 
 
 def time_call(fn: Callable, *args, repeats: int = 5, min_time_s: float = 0.05) -> float:
@@ -34,9 +36,11 @@ def time_call(fn: Callable, *args, repeats: int = 5, min_time_s: float = 0.05) -
 
 
 def measure_latency(model, variables, *inputs, repeats: int = 5, min_time_s: float = 0.1, **apply_kwargs) -> float:
-  """Median latency (ms) of ``jax.jit(model.apply)(variables, *inputs)`` on the default device."""
-  fn = jax.jit(lambda v, *x: model.apply(v, *x, **apply_kwargs))
-  return time_call(fn, variables, *inputs, repeats=repeats, min_time_s=min_time_s)
+  """Median latency (ms) of the deployed network on the default device: ``make_predictor``'s
+  compiled eval-mode apply with the weights fixed inside it, called on ``inputs``."""
+  predict = make_predictor(model, variables, **apply_kwargs)
+  inputs = jax.device_put(inputs)  # time the network, not a host-to-device copy
+  return time_call(predict, *inputs, repeats=repeats, min_time_s=min_time_s)
 
 
 def _params_key(params: dict) -> tuple:

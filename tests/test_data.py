@@ -88,9 +88,10 @@ def test_real_archive_small_and_cache(tmp_path, cifar_archive, monkeypatch):
   def no_archive_pass(*args, **kwargs):
     raise AssertionError("the archive was read again instead of the cache")
 
-  monkeypatch.setattr(data, "_read_split", no_archive_pass)
-  again = data.load_image_folder(cifar_archive, "train", cache_dir=str(cache),
-                                 max_per_class=20, progress=False)
+  with monkeypatch.context() as patch:
+    patch.setattr(data, "_read_split", no_archive_pass)
+    again = data.load_image_folder(cifar_archive, "train", cache_dir=str(cache),
+                                   max_per_class=20, progress=False)
   assert files[0].stat().st_mtime_ns == mtime  # not rewritten
   np.testing.assert_array_equal(again.images, train.images)
   np.testing.assert_array_equal(again.labels, train.labels)
