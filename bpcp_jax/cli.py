@@ -139,9 +139,11 @@ def _profile(args, config) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   if argv is None:  # run as a program: restart with a better host allocator first (see host.py)
+    from bpcp_jax.compile_cache import enable_compilation_cache
     from bpcp_jax.host import reexec_with_allocator
 
     reexec_with_allocator(["-m", "bpcp_jax.cli", *sys.argv[1:]])
+    enable_compilation_cache()  # every command is a fresh process: reuse what earlier ones compiled
   argv = list(sys.argv[1:] if argv is None else argv)
   overrides = [a for a in argv if a.startswith("--config.")]
   args = _parser().parse_args([a for a in argv if not a.startswith("--config.")])

@@ -1,10 +1,17 @@
 """Test setup: several fake CPU devices, strict rank promotion, warnings as errors (setup.cfg)."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # must happen before jax is imported anywhere: 4 fake CPU devices for the multi-device paths
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# the command lines the tests start share one compilation cache, empty at the start of the session
+_XLA_CACHE = tempfile.mkdtemp(prefix="bpcp-test-xla-")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+os.environ.setdefault("BPCP_COMPILATION_CACHE", _XLA_CACHE)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

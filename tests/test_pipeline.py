@@ -68,6 +68,7 @@ def test_pipeline_writes_the_run_directory(tiny_run):
   assert [r["stage"] for r in records] == ["pretrain"] * 2 + ["search"] * 2 + ["finetune_blocks", "finetune_channels"]
   assert all("gate_probs" in r for r in records if r["stage"] == "search")
   assert "| dense |" in out and "| pruned |" in out
+  assert os.listdir(os.environ["BPCP_COMPILATION_CACHE"])  # the command line stored what it compiled
 
 
 def test_pruned_checkpoint_restores_alone(tiny_run, cifar_archive):
