@@ -24,8 +24,8 @@ def _args(workdir, cache, data):
           f"--config.data.cache_dir={cache}"]
 
 
-def _popen(args):
-  env = {**os.environ, "XLA_FLAGS": ""}
+def _popen(args, **env_vars):
+  env = {**os.environ, "XLA_FLAGS": "", **env_vars}
   return subprocess.Popen([sys.executable, "-m", "bpcp_jax.cli", *args], cwd=REPO_ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -58,14 +58,30 @@ def _final(workdir):
   return tree, records
 
 
+def _assert_same_run(a, b):
+  (a_tree, a_records), (b_tree, b_records) = a, b
+  assert len(jax.tree.leaves(a_tree)) == len(jax.tree.leaves(b_tree))
+  for x, y in zip(jax.tree.leaves(a_tree), jax.tree.leaves(b_tree)):
+    np.testing.assert_array_equal(x, y)
+  assert a_records == b_records
+
+
 def test_sigkill_at_random_points_then_resume_is_exact(tmp_path, cifar_archive):
   cache = str(tmp_path / "cache")
+  xla = {"BPCP_COMPILATION_CACHE": str(tmp_path / "xla")}  # empty: the first run compiles everything
   ref = str(tmp_path / "ref")
+  p = _popen(_args(ref, cache, cifar_archive), **xla)
+  out, _ = p.communicate(timeout=600)
+  assert p.returncode == 0, out
+  # the same run again loads every step from the compilation cache: as fast as the runs below,
+  # and it must compute exactly what the compiling run did
+  again = str(tmp_path / "again")
   t0 = time.time()
-  p = _popen(_args(ref, cache, cifar_archive))
+  p = _popen(_args(again, cache, cifar_archive), **xla)
   out, _ = p.communicate(timeout=600)
   assert p.returncode == 0, out
   duration = time.time() - t0
+  _assert_same_run(_final(ref), _final(again))
 
   work = str(tmp_path / "killed")
   args = _args(work, cache, cifar_archive)
@@ -73,7 +89,7 @@ def test_sigkill_at_random_points_then_resume_is_exact(tmp_path, cifar_archive):
   outcomes = []
   # two kills at random moments, one during a checkpoint write, then run to the end
   for how in ("random", "random", "saving"):
-    proc = _popen(args + (["--resume"] if os.path.isdir(os.path.join(work, "checkpoints")) else []))
+    proc = _popen(args + (["--resume"] if os.path.isdir(os.path.join(work, "checkpoints")) else []), **xla)
     if how == "random":
       t_end = time.time() + rng.uniform(0.25, 0.6) * duration  # somewhere inside the run
       outcomes.append(_kill_when(proc, lambda: time.time() > t_end))
@@ -81,14 +97,11 @@ def test_sigkill_at_random_points_then_resume_is_exact(tmp_path, cifar_archive):
       outcomes.append(_kill_when(proc, lambda: _saving(work)))
   kills = sum(code == -signal.SIGKILL for code, _ in outcomes)
   assert kills >= 2, [(code, out[-2000:]) for code, out in outcomes]
-  proc = _popen(args + ["--resume"])
+  proc = _popen(args + ["--resume"], **xla)
   out, _ = proc.communicate(timeout=600)
   assert proc.returncode == 0, out
 
-  (ref_tree, ref_records), (tree, records) = _final(ref), _final(work)
-  for a, b in zip(jax.tree.leaves(ref_tree), jax.tree.leaves(tree)):
-    np.testing.assert_array_equal(a, b)
-  assert records == ref_records
+  _assert_same_run(_final(ref), _final(work))
   with open(os.path.join(ref, "summary.json")) as f1, open(os.path.join(work, "summary.json")) as f2:
     assert json.load(f1)["pruned"]["accuracy"] == json.load(f2)["pruned"]["accuracy"]
 
