@@ -1,4 +1,5 @@
-"""Test setup: several fake CPU devices, strict rank promotion, warnings as errors (setup.cfg)."""
+"""Test setup: several fake CPU devices, strict rank promotion, warnings as errors (setup.cfg), and one
+empty compilation cache per session for the command lines the tests start."""
 
 import atexit
 import os
