@@ -86,14 +86,9 @@ def environment() -> dict[str, Any]:
 
 
 def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor()
+  from bpcp_jax.host import cpu_fields
+
+  return cpu_fields().get("model name") or platform.processor()
 
 
 def _module_name() -> str:

@@ -32,20 +32,19 @@ def host_fingerprint() -> str:
   """A short name for what compiled code depends on here: CPU model and flags, jaxlib version."""
   import jaxlib
 
+  from bpcp_jax.host import cpu_fields
+
+  cpu = cpu_fields()
   parts = [platform.machine(), getattr(jaxlib, "__version__", "?")]
-  try:
-    with open("/proc/cpuinfo") as f:
-      info = f.read().split("\n\n")[0]
-    parts += [line for line in info.splitlines() if line.startswith(("model name", "flags", "Features"))]
-  except OSError:  # not Linux: the processor string is what there is
-    parts.append(platform.processor())
+  # off Linux the processor string is what there is
+  parts += [cpu.get(k, "") for k in ("model name", "flags", "Features")] if cpu else [platform.processor()]
   return f"{platform.machine()}-{hashlib.sha256('|'.join(parts).encode()).hexdigest()[:12]}"
 
 
 def default_cache_dir() -> str:
-  from bpcp_jax.data import _default_cache_dir
+  from bpcp_jax.data import cache_root
 
-  return os.path.join(_default_cache_dir(), "xla", host_fingerprint())
+  return os.path.join(cache_root(), "xla", host_fingerprint())
 
 
 def enable_compilation_cache(path: Optional[str] = None, *, min_compile_time_s: float = 0.3) -> Optional[str]:

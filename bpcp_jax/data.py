@@ -105,7 +105,8 @@ def default_data_path() -> str:
   return candidates[0]
 
 
-def _default_cache_dir() -> str:
+def cache_root() -> str:
+  """Where bpcp_jax keeps what it caches on disk: ``$BPCP_CACHE``, else ``~/.cache/bpcp_jax``."""
   env = os.environ.get(DEFAULT_CACHE_ENV)
   if env:
     return env
@@ -345,7 +346,7 @@ def load_image_folder(path: str, split: str, *, image_size: int = 32,
     raise DataError(f"max_per_class must be a positive int or None, got {max_per_class!r}")
 
   cache_file = _cache_file(path, split, image_size, max_per_class,
-                           cache_dir or _default_cache_dir())
+                           cache_dir or cache_root())
   cached = _load_cache(cache_file)
   if cached is not None:
     return cached

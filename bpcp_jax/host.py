@@ -43,6 +43,16 @@ SET_VARIABLES = ("LD_PRELOAD", "GLIBC_TUNABLES", "MIMALLOC_PURGE_DELAY")  # what
 _KNOWN_PRELOADS = ("malloc", "jemalloc")  # libtcmalloc*, libjemalloc*, libmimalloc*
 
 
+def cpu_fields() -> dict[str, str]:
+  """The first processor's fields in ``/proc/cpuinfo`` (``model name``, ``flags``...); empty off Linux."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      block = f.read().split("\n\n")[0]
+  except OSError:
+    return {}
+  return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in block.splitlines()) if k.strip()}
+
+
 def mimalloc_library() -> Optional[str]:
   """Path of ``libmimalloc.so`` from the ``cmeel-mimalloc`` wheel, or None."""
   try:

@@ -279,7 +279,7 @@ def select_pruning(
     min_channels: int = 1,
     prune_blocks: bool = True,
     timer: Optional[OpTimer] = None,
-    measure: Optional[Callable[..., float]] = None,
+    measure: Callable[..., float] = measure_latency,
     max_checks: int = 8,
     progress: bool = True,
 ) -> Selection:
@@ -306,7 +306,6 @@ def select_pruning(
   if importance is None:
     importance = traced_importance(net, variables, criterion)
   timer = timer or (OpTimer() if cost == "latency" or latency_budget_ms is not None else None)
-  measure = measure or measure_latency
   search = _Search(net, importance, cost, timer, batch, round_to, min_channels, prune_blocks)
   dense_macs = search.total_macs()
   history: list[dict] = []
