@@ -19,12 +19,12 @@ from typing import Any, Callable, Iterable, Sequence
 
 
 def restart_with_allocator(module: str, argv: Sequence[str]) -> None:
-  """Restart ``python -m module argv`` with the allocator the command line uses (bpcp_jax/host.py).
+  """Restart ``python -m module argv`` with the allocator the command line uses (bpcp_jax/run/host.py).
 
   ``--allocator NAME`` on the command line forces one (``auto`` picks as the command line does);
   call this before jax is imported. Benchmarks time what ``bpcp-jax`` runs.
   """
-  from bpcp_jax import host
+  from bpcp_jax.run import host
 
   argv = list(argv)
   if "--allocator" in argv and argv.index("--allocator") + 1 < len(argv):
@@ -66,7 +66,7 @@ def environment() -> dict[str, Any]:
   import jaxlib
   import optax
 
-  from bpcp_jax.host import current_allocator
+  from bpcp_jax.run.host import current_allocator
 
   dev = jax.devices()[0]
   return {
@@ -86,7 +86,7 @@ def environment() -> dict[str, Any]:
 
 
 def _cpu_model() -> str:
-  from bpcp_jax.host import cpu_fields
+  from bpcp_jax.run.host import cpu_fields
 
   return cpu_fields().get("model name") or platform.processor()
 

@@ -26,7 +26,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import bpcp_jax as bp  # noqa: E402
-from bpcp_jax.channel_prune import prune_channels  # noqa: E402
+from bpcp_jax.pruning.channel_prune import prune_channels  # noqa: E402
 
 PAPER_SPEEDUP = 3.17  # BPCP's batch-1 CPU speed-up at -80.3% MACs
 PAPER_MACS_CUT = 0.803
@@ -66,7 +66,7 @@ def compressions(model, variables, quick: bool):
     m, _ = prune_channels(model, variables, ratio, "l1", masks=blocks, target="macs", round_to=8)
     out.append((f"{n_rm} blocks + channels (x8), -{100 * total_cut:.0f}% MACs", m))
   # the same budget chosen by speed-aware selection: blocks and channels by l1 per batch-1 ms saved
-  from bpcp_jax.speed_select import select_resnet
+  from bpcp_jax.pruning.speed_select import select_resnet
 
   m, _, _ = select_resnet(model, variables, criterion="l1", cost="latency", batch=1, round_to=8,
                           macs_fraction=1.0 - PAPER_MACS_CUT, progress=False)

@@ -27,7 +27,7 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bpcp_jax import data, parallel, steps  # noqa: E402
+from bpcp_jax.training import data, parallel, steps  # noqa: E402
 
 
 def host_batches(images, labels, batch, epoch=0):

@@ -81,7 +81,7 @@ def train_rows(workdir, data, quiet_progress=True):
 
 
 def networks_from_runs(workdir):
-  from bpcp_jax.checkpoint import load_network
+  from bpcp_jax.training.checkpoint import load_network
 
   nets = {"dense": load_network(os.path.join(workdir, "dense", "checkpoints", "pretrain"))[:2]}
   info = {"dense": {"top1": _summary(workdir, "dense")["dense"]["accuracy"]}}
@@ -100,7 +100,7 @@ def _summary(workdir, name):
 
 
 def _prune_meta(workdir, name):
-  from bpcp_jax.checkpoint import StageCheckpoints
+  from bpcp_jax.training.checkpoint import StageCheckpoints
 
   ckpt = StageCheckpoints(os.path.join(workdir, name, "checkpoints", "prune"), read_only=True)
   try:
@@ -110,7 +110,7 @@ def _prune_meta(workdir, name):
 
 
 def networks_quick():
-  from bpcp_jax.speed_select import select_resnet
+  from bpcp_jax.pruning.speed_select import select_resnet
 
   model = bp.create_model("resnet_v2_11")
   variables = common.fast_init(model)

@@ -6,7 +6,7 @@ device, and the same ``steps.train_step`` under ``jax.jit`` for comparison. The 
 in interleaved rounds in one process, so their ratio is measured under the same conditions.
 Compile time is the first call minus a steady step. Peak memory is the maximum resident size of
 a fresh process that compiles and runs one mode (``--peak-memory``). The process runs with the
-host allocator the command line picks (``bpcp_jax/host.py``); ``--compare-allocators`` times the
+host allocator the command line picks (``bpcp_jax/run/host.py``); ``--compare-allocators`` times the
 dense and search steps under every allocator available, one fresh process each.
 
     python -m benchmarks.train_throughput --json benchmarks/results/train_throughput.json
@@ -31,8 +31,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import bpcp_jax as bp  # noqa: E402
-from bpcp_jax import optim, parallel, steps  # noqa: E402
-from bpcp_jax.channel_prune import prune_channels  # noqa: E402
+from bpcp_jax.training import optim, parallel, steps  # noqa: E402
+from bpcp_jax.pruning.channel_prune import prune_channels  # noqa: E402
 
 MODES = ("dense", "search", "masked")
 # PyTorch reference figures measured on the same machine (shared/reference/SPEED-NOTES.md)
@@ -83,7 +83,7 @@ def make_runner(mode: str, wrapper: str, model_name: str, batch: int):
 
 def _child(mode: str, model_name: str, batch: int, steps_: int, repeats: int, allocator=None) -> dict:
   """Run ``mode`` in a fresh process (as it is, or restarted with ``allocator``): its JSON line."""
-  from bpcp_jax import host
+  from bpcp_jax.run import host
 
   cmd = [sys.executable, "-m", "benchmarks.train_throughput", "--_child", mode, "--model", model_name,
          "--batch", str(batch), "--steps", str(steps_), "--repeats", str(repeats)]
@@ -163,7 +163,7 @@ def main(argv=None) -> dict:
     results["process_peak_rss_gib"] = common.peak_rss_gib()
   if args.compare_allocators:
     # one fresh process per (allocator, mode), rounds of the allocators interleaved
-    from bpcp_jax.host import available_allocators
+    from bpcp_jax.run.host import available_allocators
 
     allocators = [a for a in available_allocators() if not args.allocators or a in args.allocators.split(",")]
     per = {(a, m): [] for a in allocators for m in ("dense", "search")}

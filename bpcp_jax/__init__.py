@@ -10,12 +10,12 @@ The curated public API. A typical session::
     bp.count_params_macs(small)
 """
 
-from bpcp_jax.block_search import decide_blocks, gate_penalty, gate_probabilities, hard_gates, sample_gates
-from bpcp_jax.counting import count_leaves, count_params_macs, layer_report
-from bpcp_jax.masks import check_masks, init_masks, kept_blocks, pruned_spec
-from bpcp_jax.materialize import materialize, materialize_masks
-from bpcp_jax.models import ResNet, group_widths, layer_table
-from bpcp_jax.traced_network import (
+from bpcp_jax.pruning.block_search import decide_blocks, gate_penalty, gate_probabilities, hard_gates, sample_gates
+from bpcp_jax.families.counting import count_leaves, count_params_macs, layer_report
+from bpcp_jax.pruning.masks import check_masks, init_masks, kept_blocks, pruned_spec
+from bpcp_jax.families.materialize import materialize, materialize_masks
+from bpcp_jax.families import ResNet, group_widths, layer_table
+from bpcp_jax.tracer.network import (
     PrunedNetwork,
     TracedNetwork,
     check_traced_masks,
@@ -25,11 +25,11 @@ from bpcp_jax.traced_network import (
     materialize_traced,
     trace_network,
 )
-from bpcp_jax.compile_cache import enable_compilation_cache
-from bpcp_jax.latency import OpTimer, measure_latency
-from bpcp_jax.predictor import make_predictor
-from bpcp_jax.speed_select import Selection, select_pruning, select_resnet, traced_importance
-from bpcp_jax.spec import FAMILIES, ArchSpec, BlockSpec, StageSpec, dense_spec, parse_model_name
+from bpcp_jax.run.compile_cache import enable_compilation_cache
+from bpcp_jax.deploy.latency import OpTimer, measure_latency
+from bpcp_jax.deploy.predictor import make_predictor
+from bpcp_jax.pruning.speed_select import Selection, select_pruning, select_resnet, traced_importance
+from bpcp_jax.families.spec import FAMILIES, ArchSpec, BlockSpec, StageSpec, dense_spec, parse_model_name
 
 __version__ = "0.1.0"
 

@@ -77,7 +77,7 @@ def main():
     json.dump(log, f, indent=2)
 
   sys.path.insert(0, REPO)
-  from bpcp_jax.sweep import collect_results, write_results
+  from bpcp_jax.run.sweep import collect_results, write_results
 
   results = collect_results(a.workdir)
   written = write_results(a.workdir, results)

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 import bpcp_jax as bp
-from bpcp_jax import steps
-from bpcp_jax.checkpoint import StageCheckpoints
-from bpcp_jax.optim import make_optimizer
+from bpcp_jax.training import steps
+from bpcp_jax.training.checkpoint import StageCheckpoints
+from bpcp_jax.training.optim import make_optimizer
 from tests.conftest import REPO_ROOT
 
 TINY = os.path.join(REPO_ROOT, "experiments", "configs", "tiny.py")
@@ -21,7 +21,7 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 
 def _cli(*args, devices=1):
   env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-  p = subprocess.run([sys.executable, "-m", "bpcp_jax.cli", *args], cwd=REPO_ROOT, env=env, capture_output=True,
+  p = subprocess.run([sys.executable, "-m", "bpcp_jax.run.cli", *args], cwd=REPO_ROOT, env=env, capture_output=True,
                      text=True, timeout=300)
   return p.returncode, p.stdout + p.stderr
 

@@ -38,7 +38,7 @@ def test_train_throughput_quick(tmp_path):
 
 
 def test_train_throughput_compares_allocators(tmp_path):
-  from bpcp_jax import host
+  from bpcp_jax.run import host
 
   available = host.available_allocators()
   assert "glibc" in available and "glibc-hugetlb" in available

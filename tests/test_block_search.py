@@ -6,8 +6,8 @@ import numpy as np
 import optax
 
 import bpcp_jax as bp
-from bpcp_jax.block_search import gate_penalty, sample_gates, straight_through
-from bpcp_jax.optim import make_optimizer
+from bpcp_jax.pruning.block_search import gate_penalty, sample_gates, straight_through
+from bpcp_jax.training.optim import make_optimizer
 from tests.helpers import images, perturbed_variables
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import bpcp_jax as bp
-from bpcp_jax.channel_prune import (CRITERIA, channel_importance, format_report, prune_channels,
+from bpcp_jax.pruning.channel_prune import (CRITERIA, channel_importance, format_report, prune_channels,
                                     select_channels, zero_pruned_filters)
 from tests.helpers import images, perturbed_variables
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from bpcp_jax import compile_cache
+from bpcp_jax.run import compile_cache
 from tests.conftest import REPO_ROOT
 
 # compiles a small train-like step, prints whether the cache was hit and the result's bytes
@@ -15,7 +15,7 @@ PROGRAM = """
 import json, sys
 import jax, jax.numpy as jnp
 from jax._src import monitoring
-from bpcp_jax.compile_cache import enable_compilation_cache
+from bpcp_jax.run.compile_cache import enable_compilation_cache
 
 hits = []
 monitoring.register_event_listener(lambda name, **kw: hits.append(name) if name.endswith("cache_hits") else None)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import pytest
 
 import bpcp_jax as bp
-from bpcp_jax.models.structure import declared_members
+from bpcp_jax.families.structure import declared_members
 from tests import nets
 
 TRAIN = {"train": True, "mutable": ["batch_stats"]}

@@ -1,4 +1,4 @@
-"""Tests for bpcp_jax.data: loading (real CIFAR-10 archive and generated folders), caching,
+"""Tests for bpcp_jax.training.data: loading (real CIFAR-10 archive and generated folders), caching,
 bad-input errors, augmentation, batching, sharding, padding and prefetching."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bpcp_jax import data
-from bpcp_jax.data import DataError
+from bpcp_jax.training import data
+from bpcp_jax.training.data import DataError
 
 REAL_ARCHIVE = os.path.normpath(os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",

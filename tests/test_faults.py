@@ -11,8 +11,8 @@ import time
 import jax
 import numpy as np
 
-from bpcp_jax.checkpoint import StageCheckpoints
-from bpcp_jax.loop import TIMING_KEYS
+from bpcp_jax.training.checkpoint import StageCheckpoints
+from bpcp_jax.training.loop import TIMING_KEYS
 from tests.conftest import REPO_ROOT
 
 TINY = os.path.join(REPO_ROOT, "experiments", "configs", "tiny.py")
@@ -26,7 +26,7 @@ def _args(workdir, cache, data):
 
 def _popen(args, **env_vars):
   env = {**os.environ, "XLA_FLAGS": "", **env_vars}
-  return subprocess.Popen([sys.executable, "-m", "bpcp_jax.cli", *args], cwd=REPO_ROOT, env=env,
+  return subprocess.Popen([sys.executable, "-m", "bpcp_jax.run.cli", *args], cwd=REPO_ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

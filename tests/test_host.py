@@ -6,11 +6,11 @@ import sys
 
 import pytest
 
-from bpcp_jax import host
+from bpcp_jax.run import host
 
-PRINT_ENV = ("import os; from bpcp_jax.host import current_allocator; "
+PRINT_ENV = ("import os; from bpcp_jax.run.host import current_allocator; "
              "print(current_allocator(), os.environ.get('LD_PRELOAD', '-'), os.environ.get('GLIBC_TUNABLES', '-'))")
-SCRIPT = ("import sys; from bpcp_jax.host import reexec_with_allocator; "
+SCRIPT = ("import sys; from bpcp_jax.run.host import reexec_with_allocator; "
           f"reexec_with_allocator(['-c', {PRINT_ENV!r}]); print('not restarted')")
 VARIABLES = (*host.SET_VARIABLES, host.OPT_OUT, host.CHOICE, host.DONE)
 

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import bpcp_jax as bp
-from bpcp_jax.optim import make_optimizer
+from bpcp_jax.training.optim import make_optimizer
 from tests.helpers import images, perturbed_variables, random_masks
 
 CASES = [  # every family at two depths

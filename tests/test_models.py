@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import bpcp_jax as bp
-from bpcp_jax.spec import ArchSpec
+from bpcp_jax.families.spec import ArchSpec
 from tests.helpers import images
 
 
@@ -100,7 +100,7 @@ def test_jit_and_plain_agree():
 
 @pytest.mark.parametrize("relu", [False, True])
 def test_fused_batchnorm_matches_flax(relu):
-  from bpcp_jax.models.layers import BatchNorm
+  from bpcp_jax.families.layers import BatchNorm
   import flax.linen as nn
 
   x = jax.random.normal(jax.random.key(0), (8, 5, 5, 6)) * 3 + 1
@@ -128,7 +128,7 @@ def test_fused_batchnorm_matches_flax(relu):
 
 
 def test_fused_batchnorm_across_devices_matches_one_batch():
-  from bpcp_jax.models.layers import BatchNorm
+  from bpcp_jax.families.layers import BatchNorm
 
   n = jax.local_device_count()
   x = jax.random.normal(jax.random.key(0), (4 * n, 3, 3, 5))

@@ -1,5 +1,5 @@
 """The notebooks execute: quickstart on the tiny config and real CIFAR-10 images, ablation on a
-results.csv written by ``bpcp_jax.sweep.write_results`` (made-up numbers: a rendering test)."""
+results.csv written by ``bpcp_jax.run.sweep.write_results`` (made-up numbers: a rendering test)."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from bpcp_jax import sweep
+from bpcp_jax.run import sweep
 from tests.conftest import REPO_ROOT
 
 NB_DIR = os.path.join(REPO_ROOT, "notebooks")

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import bpcp_jax as bp
-from bpcp_jax.checkpoint import StageCheckpoints, load_network
-from bpcp_jax.loop import TIMING_KEYS
+from bpcp_jax.training.checkpoint import StageCheckpoints, load_network
+from bpcp_jax.training.loop import TIMING_KEYS
 from tests.conftest import REPO_ROOT
 
 TINY = os.path.join(REPO_ROOT, "experiments", "configs", "tiny.py")
@@ -21,7 +21,7 @@ TINY = os.path.join(REPO_ROOT, "experiments", "configs", "tiny.py")
 
 def _cli(args, env_extra=None, **kw):
   env = {**os.environ, "XLA_FLAGS": "", **(env_extra or {})}
-  return subprocess.Popen([sys.executable, "-m", "bpcp_jax.cli", *args], cwd=REPO_ROOT, env=env,
+  return subprocess.Popen([sys.executable, "-m", "bpcp_jax.run.cli", *args], cwd=REPO_ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 

@@ -9,7 +9,7 @@ import pytest
 import bpcp_jax as bp
 from tests import nets
 from tests.helpers import images, perturbed_variables, random_masks
-from bpcp_jax.models.structure import declared_members
+from bpcp_jax.families.structure import declared_members
 from tests.test_coupling import TRAIN
 
 NETS = [nets.InceptionNet, nets.MobileNet, nets.DenseNet, nets.TwoInputNet, nets.UnfollowableNet]

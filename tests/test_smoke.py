@@ -14,7 +14,7 @@ from tests.conftest import REPO_ROOT
 def test_smoke_pipeline_beats_chance(tmp_path, cifar_archive):
   workdir = str(tmp_path / "smoke")
   env = {**os.environ, "XLA_FLAGS": ""}
-  proc = subprocess.run([sys.executable, "-m", "bpcp_jax.cli", "pipeline", "--config",
+  proc = subprocess.run([sys.executable, "-m", "bpcp_jax.run.cli", "pipeline", "--config",
                          os.path.join(REPO_ROOT, "experiments", "configs", "smoke.py"), "--workdir", workdir,
                          "--data", cifar_archive, "--no-progress"], cwd=REPO_ROOT, env=env,
                         capture_output=True, text=True, timeout=1800)

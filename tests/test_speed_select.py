@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import bpcp_jax as bp
-from bpcp_jax.latency import OpTimer, measure_latency
-from bpcp_jax.speed_select import select_pruning, select_resnet, traced_importance
+from bpcp_jax.deploy.latency import OpTimer, measure_latency
+from bpcp_jax.pruning.speed_select import select_pruning, select_resnet, traced_importance
 from tests import nets
 from tests.helpers import perturbed_variables
 

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from bpcp_jax import sweep
-from bpcp_jax.config import check_config, load_config_file
-from bpcp_jax.pipeline import check_run_config
+from bpcp_jax.run import sweep
+from bpcp_jax.run.config import check_config, load_config_file
+from bpcp_jax.run.pipeline import check_run_config
 from tests.conftest import REPO_ROOT
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO_ROOT, "experiments", "configs", "*.py")))
@@ -137,7 +137,7 @@ def test_write_results_files_and_read_back(tmp_path):
 
 def _cli(args, timeout=900):
   env = {**os.environ, "XLA_FLAGS": ""}
-  p = subprocess.run([sys.executable, "-m", "bpcp_jax.cli", *args], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+  p = subprocess.run([sys.executable, "-m", "bpcp_jax.run.cli", *args], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                      stderr=subprocess.STDOUT, text=True, timeout=timeout)
   return p.returncode, p.stdout
 

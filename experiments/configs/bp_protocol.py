@@ -16,7 +16,7 @@ Expected result: dense >= 85% test accuracy (the JPEG copy of CIFAR-10); the row
 experiments/RESULTS.md ("Block search on ResNet-v2-56").
 """
 
-from bpcp_jax.config import default_config
+from bpcp_jax.run.config import default_config
 
 
 def get_config():

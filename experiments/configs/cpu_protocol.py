@@ -17,7 +17,7 @@ or one row at a time, e.g. the dense network:
 Expected result: see experiments/RESULTS.md (measured here; the JPEG copy of CIFAR-10).
 """
 
-from bpcp_jax.config import default_config
+from bpcp_jax.run.config import default_config
 
 
 def get_config():

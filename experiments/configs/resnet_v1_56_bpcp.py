@@ -12,7 +12,7 @@ v1 only). Dense reference: resnet_v1_56_dense.py (about 93.0-93.6%, 855,770 para
 125,747,840 MACs).
 """
 
-from bpcp_jax.config import default_config
+from bpcp_jax.run.config import default_config
 
 
 def get_config():

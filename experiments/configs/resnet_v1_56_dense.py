@@ -13,7 +13,7 @@ and 125M MACs. Our counts: 855,770 parameters, 125,747,840 conv+FC MACs. Accurac
 here: not yet measured here.
 """
 
-from bpcp_jax.config import default_config
+from bpcp_jax.run.config import default_config
 
 
 def get_config():

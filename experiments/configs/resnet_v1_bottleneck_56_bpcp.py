@@ -11,7 +11,7 @@ Expected result: not yet measured here (BPCP.md quotes no figure for this networ
 counts: 590,426 parameters, 87,214,592 conv+FC MACs.
 """
 
-from bpcp_jax.config import default_config
+from bpcp_jax.run.config import default_config
 
 
 def get_config():

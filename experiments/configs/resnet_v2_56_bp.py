@@ -10,7 +10,7 @@ Expected result: not yet measured here (the paper reports no BP-alone row for th
 in the figures we have). Dense reference: 93.74% (paper), 590,426 parameters, 87,214,592 MACs.
 """
 
-from bpcp_jax.config import default_config
+from bpcp_jax.run.config import default_config
 
 
 def get_config():

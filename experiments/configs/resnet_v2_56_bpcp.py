@@ -15,7 +15,7 @@ less than 3 points of accuracy drop from 93.74%, 3.17x faster at batch 1 on CPU.
 measured here.
 """
 
-from bpcp_jax.config import default_config
+from bpcp_jax.run.config import default_config
 
 
 def get_config():

@@ -12,7 +12,7 @@ parameters and 87,214,592 conv+FC MACs (thop, which the paper used, also counts 
 pooling: 91.56M). Accuracy and latency here: not yet measured here.
 """
 
-from bpcp_jax.config import default_config
+from bpcp_jax.run.config import default_config
 
 
 def get_config():

@@ -12,7 +12,7 @@ Expected result: not yet measured here (no paper figure; compare with the Table 
 Slim 92.06%, L1 81.27%).
 """
 
-from bpcp_jax.config import default_config
+from bpcp_jax.run.config import default_config
 
 
 def get_config():

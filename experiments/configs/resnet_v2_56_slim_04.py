@@ -14,7 +14,7 @@ Expected result (paper, Table 2; time is batch 1 on the paper's CPU): 92.06% tes
 the dense network (93.74%, 0.56M, 87.32M, 50.92 ms). Here: not yet measured here.
 """
 
-from bpcp_jax.config import default_config
+from bpcp_jax.run.config import default_config
 
 
 def get_config():

@@ -11,7 +11,7 @@ Expected result: test accuracy well above chance (about 40-50% dense after 3 epo
 subset), params and MACs reduced, summary.json with `dense` and `pruned` sections.
 """
 
-from bpcp_jax.config import default_config
+from bpcp_jax.run.config import default_config
 
 
 def get_config():

@@ -20,7 +20,7 @@ or one row, e.g. the latency-aware one from the dense checkpoint:
 Expected result: benchmarks/results/speed_select.md (measured here).
 """
 
-from bpcp_jax.config import default_config
+from bpcp_jax.run.config import default_config
 
 
 def get_config():

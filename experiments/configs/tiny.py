@@ -9,7 +9,7 @@ Launch:
 Expected result: all run files written; accuracy near chance (it trains for seconds).
 """
 
-from bpcp_jax.config import default_config
+from bpcp_jax.run.config import default_config
 
 
 def get_config():

@@ -36,8 +36,8 @@ def main():
   import numpy as np
 
   import bpcp_jax as bp
-  from bpcp_jax import data, parallel, steps
-  from bpcp_jax.optim import make_optimizer
+  from bpcp_jax.training import data, parallel, steps
+  from bpcp_jax.training.optim import make_optimizer
 
   model = bp.create_model("resnet_v2_11", bn_axis_name=None if a.reference else parallel.AXIS)
   variables = model.init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32), train=False)

@@ -18,9 +18,9 @@ import numpy as np
 
 
 def _network_entry(ctx, out, accuracy) -> dict[str, Any]:
-  from bpcp_jax.pipeline import build_model, channels_per_group
-  from bpcp_jax.profile import profile_network
-  from bpcp_jax.models.resnet import ResNet
+  from bpcp_jax.run.pipeline import build_model, channels_per_group
+  from bpcp_jax.deploy.profile import profile_network
+  from bpcp_jax.families.resnet import ResNet
 
   cfg = ctx.config
   model = build_model(cfg, out.spec)
@@ -35,8 +35,8 @@ def _network_entry(ctx, out, accuracy) -> dict[str, Any]:
 
 def summarize(ctx, dense, final, history) -> dict[str, Any]:
   """Evaluate what is missing, profile both networks and write ``summary.json``."""
-  from bpcp_jax.counting import count_params_macs
-  from bpcp_jax.pipeline import evaluate_output
+  from bpcp_jax.families.counting import count_params_macs
+  from bpcp_jax.run.pipeline import evaluate_output
 
   cfg = ctx.config
   dense_acc = dense.accuracy if dense.accuracy is not None else evaluate_output(cfg, dense, ctx.test, ctx.progress)

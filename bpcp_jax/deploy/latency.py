@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bpcp_jax.predictor import make_predictor
+from bpcp_jax.deploy.predictor import make_predictor
 
 
 def time_call(fn: Callable, *args, repeats: int = 5, min_time_s: float = 0.05) -> float:

@@ -15,7 +15,7 @@ import chex
 import jax
 import numpy as np
 
-from bpcp_jax import steps
+from bpcp_jax.training import steps
 
 AXIS = "batch"
 # environment variables that announce a multi-process launch (any one is enough)
@@ -61,7 +61,7 @@ def unreplicate(tree):
 
 def shard_batch(batch, num_devices: int | None = None):
   """[B, ...] host arrays -> [devices, B / devices, ...] on the devices, for pmap."""
-  from bpcp_jax.data import shard
+  from bpcp_jax.training.data import shard
 
   return jax.device_put(shard(batch, num_devices or jax.local_device_count()), local_sharding())
 

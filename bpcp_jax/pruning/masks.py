@@ -15,9 +15,9 @@ from typing import Any, Mapping, Union
 import jax.numpy as jnp
 import numpy as np
 
-from bpcp_jax.models.resnet import ResNet
-from bpcp_jax.models.structure import group_widths, stream_group
-from bpcp_jax.spec import ArchSpec, BlockSpec, block_name
+from bpcp_jax.families.resnet import ResNet
+from bpcp_jax.families.structure import group_widths, stream_group
+from bpcp_jax.families.spec import ArchSpec, BlockSpec, block_name
 
 Masks = dict[str, dict[str, Any]]
 

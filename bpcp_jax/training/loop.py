@@ -22,10 +22,10 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from bpcp_jax import data, parallel
-from bpcp_jax.block_search import gate_probabilities
-from bpcp_jax.checkpoint import NonFiniteState, StageCheckpoints
-from bpcp_jax.models.structure import group_widths
+from bpcp_jax.training import data, parallel
+from bpcp_jax.pruning.block_search import gate_probabilities
+from bpcp_jax.training.checkpoint import NonFiniteState, StageCheckpoints
+from bpcp_jax.families.structure import group_widths
 
 TIMING_KEYS = ("images_per_s", "epoch_seconds", "time")
 

@@ -27,10 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bpcp_jax.counting import count_params_macs
-from bpcp_jax.masks import init_masks, kept_blocks, live_groups, pruned_spec
-from bpcp_jax.models.resnet import ResNet
-from bpcp_jax.models.structure import layer_table
+from bpcp_jax.families.counting import count_params_macs
+from bpcp_jax.pruning.masks import init_masks, kept_blocks, live_groups, pruned_spec
+from bpcp_jax.families.resnet import ResNet
+from bpcp_jax.families.structure import layer_table
 
 CRITERIA = ("bn_scale", "l1", "l2", "cop", "random")
 REDUCTIONS = ("max", "mean", "sum")

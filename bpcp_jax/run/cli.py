@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load_config(args, overrides):
-  from bpcp_jax.config import apply_overrides, default_config, load_config_file
+  from bpcp_jax.run.config import apply_overrides, default_config, load_config_file
 
   config = load_config_file(args.config) if args.config else default_config()
   return apply_overrides(config, overrides)
@@ -65,17 +65,17 @@ def _load_config(args, overrides):
 def _run(args, overrides) -> int:
   import jax
 
-  from bpcp_jax import parallel
+  from bpcp_jax.training import parallel
 
   parallel.maybe_initialize_distributed()
   if args.command == "sweep":
-    from bpcp_jax.sweep import run_sweep_command
+    from bpcp_jax.run.sweep import run_sweep_command
 
     return run_sweep_command(args.sweep, args.workdir, overrides, data_path=args.data, progress=not args.no_progress)
   config = _load_config(args, overrides)
   progress = not args.no_progress
   if args.command in SUBCOMMAND_STAGES:
-    from bpcp_jax.pipeline import run_pipeline
+    from bpcp_jax.run.pipeline import run_pipeline
 
     if not args.workdir:
       raise ValueError("--workdir is required")
@@ -89,7 +89,7 @@ def _run(args, overrides) -> int:
     summary = run_pipeline(config, args.workdir, resume=args.resume, data_path=args.data,
                            input_dir=args.input_dirs[0] if args.input_dirs else None, progress=progress)
     if jax.process_index() == 0:
-      from bpcp_jax.report import summary_table
+      from bpcp_jax.run.report import summary_table
 
       print(summary_table(summary))
       print(f"run directory: {os.path.abspath(args.workdir)} (summary.json, report.md)")
@@ -100,8 +100,8 @@ def _run(args, overrides) -> int:
 
 
 def _eval(args, config, progress) -> int:
-  from bpcp_jax.checkpoint import load_network
-  from bpcp_jax.pipeline import StageOutput, evaluate_output, load_data
+  from bpcp_jax.training.checkpoint import load_network
+  from bpcp_jax.run.pipeline import StageOutput, evaluate_output, load_data
 
   if not args.input_dirs:
     raise ValueError("eval needs --from <stage checkpoint dir>")
@@ -114,8 +114,8 @@ def _eval(args, config, progress) -> int:
 
 
 def _profile(args, config) -> int:
-  from bpcp_jax.checkpoint import load_network
-  from bpcp_jax.profile import profile_network
+  from bpcp_jax.training.checkpoint import load_network
+  from bpcp_jax.deploy.profile import profile_network
 
   dirs = list(args.input_dirs)
   if not dirs and args.workdir:
@@ -139,18 +139,18 @@ def _profile(args, config) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   if argv is None:  # run as a program: restart with a better host allocator first (see host.py)
-    from bpcp_jax.compile_cache import enable_compilation_cache
-    from bpcp_jax.host import reexec_with_allocator
+    from bpcp_jax.run.compile_cache import enable_compilation_cache
+    from bpcp_jax.run.host import reexec_with_allocator
 
-    reexec_with_allocator(["-m", "bpcp_jax.cli", *sys.argv[1:]])
+    reexec_with_allocator(["-m", "bpcp_jax.run.cli", *sys.argv[1:]])
     enable_compilation_cache()  # every command is a fresh process: reuse what earlier ones compiled
   argv = list(sys.argv[1:] if argv is None else argv)
   overrides = [a for a in argv if a.startswith("--config.")]
   args = _parser().parse_args([a for a in argv if not a.startswith("--config.")])
-  from bpcp_jax.checkpoint import CheckpointError
-  from bpcp_jax.config import ConfigError
-  from bpcp_jax.data import DataError
-  from bpcp_jax.loop import NonFiniteLoss
+  from bpcp_jax.training.checkpoint import CheckpointError
+  from bpcp_jax.run.config import ConfigError
+  from bpcp_jax.training.data import DataError
+  from bpcp_jax.training.loop import NonFiniteLoss
 
   import absl.logging
 

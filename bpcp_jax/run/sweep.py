@@ -33,7 +33,7 @@ import re
 import traceback
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
-from bpcp_jax.config import call_python_file
+from bpcp_jax.run.config import call_python_file
 
 SWEEP_KEYS = ("base", "grid", "runs", "overrides")
 MANIFEST = "sweep.json"
@@ -142,7 +142,7 @@ def plan(sweep: Mapping[str, Any], cli_overrides: Sequence[str] = ()):
   Checked before anything runs: every swept key exists in the config, no command-line override
   names a swept key, no two runs get the same name. A run's *values* are checked when it runs.
   """
-  from bpcp_jax.config import _flatten, apply_overrides, load_config_file
+  from bpcp_jax.run.config import _flatten, apply_overrides, load_config_file
 
   where = sweep.get("path", "the sweep")
   base = load_config_file(sweep["base"])
@@ -175,8 +175,8 @@ def run_sweep(sweep_path: str, workdir: str, cli_overrides: Sequence[str] = (), 
   """Run every run of the sweep not finished yet, then write the results; returns the result rows."""
   import jax
 
-  from bpcp_jax.config import apply_overrides
-  from bpcp_jax.pipeline import run_pipeline
+  from bpcp_jax.run.config import apply_overrides
+  from bpcp_jax.run.pipeline import run_pipeline
 
   sweep = load_sweep(sweep_path)
   base, keys, runs = plan(sweep, cli_overrides)

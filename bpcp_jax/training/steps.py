@@ -4,7 +4,7 @@
 training), ``search`` (BP: sampled straight-through gates, gamma penalty, gate logits updated
 by optax in the same step) and ``masked`` (fine-tuning under fixed masks). Each step is a pure
 function of ``(state, batch)``; ``jax.jit`` / ``jax.pmap`` are applied where the steps are
-called (``bpcp_jax.parallel``). Inside a mapped axis (``axis_name``) the gradients, loss,
+called (``bpcp_jax.training.parallel``). Inside a mapped axis (``axis_name``) the gradients, loss,
 metrics and BN batch statistics are averaged over devices, and every device draws its own gate
 sample from the step key folded with its index. Augmentation keys are folded with each
 example's global position in the batch, so the images a step sees do not depend on how many
@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bpcp_jax import data
-from bpcp_jax.block_search import gate_penalty, hard_gates, sample_gates
+from bpcp_jax.training import data
+from bpcp_jax.pruning.block_search import gate_penalty, hard_gates, sample_gates
 
 MODES = ("dense", "search", "masked")
 

@@ -13,9 +13,9 @@ from typing import Any, Mapping, Optional
 
 import optax
 
-from bpcp_jax.masks import check_masks, init_masks, kept_indices, pruned_spec
-from bpcp_jax.models.resnet import ResNet
-from bpcp_jax.models.structure import layer_table
+from bpcp_jax.pruning.masks import check_masks, init_masks, kept_indices, pruned_spec
+from bpcp_jax.families.resnet import ResNet
+from bpcp_jax.families.structure import layer_table
 
 
 def _slicer(spec, masks):

@@ -26,7 +26,7 @@ from typing import Optional
 import jax
 import numpy as np
 
-from bpcp_jax.tracing import Lit, Program, path_str
+from bpcp_jax.tracer.program import Lit, Program, path_str
 
 ELEMENTWISE = frozenset("""
 add add_any sub mul div rem pow max min atan2 nextafter and or xor not eq ne lt le gt ge select_n clamp

@@ -20,7 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from bpcp_jax.spec import ArchSpec
+from bpcp_jax.families.spec import ArchSpec
 
 
 class CheckpointError(RuntimeError):
@@ -121,7 +121,7 @@ def load_network(directory: str, step: Optional[int] = None, **module_kwargs):
   ``directory`` is a stage directory (``<workdir>/checkpoints/<stage>``). The spec stored with
   the weights rebuilds the (possibly pruned) module; nothing of the dense network is needed.
   """
-  from bpcp_jax.models.resnet import ResNet
+  from bpcp_jax.families.resnet import ResNet
 
   if not os.path.isdir(directory):
     raise CheckpointError(f"checkpoint directory not found: {directory}")

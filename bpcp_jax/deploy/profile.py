@@ -6,8 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from bpcp_jax.counting import count_params_macs
-from bpcp_jax.latency import measure_latency
+from bpcp_jax.families.counting import count_params_macs
+from bpcp_jax.deploy.latency import measure_latency
 
 
 def profile_network(model, variables, batch_sizes=(1, 128), repeats: int = 20, image_size: int = 32) -> dict[str, Any]:

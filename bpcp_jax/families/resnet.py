@@ -15,9 +15,9 @@ from typing import Any, Mapping, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from bpcp_jax.models import layers as L
-from bpcp_jax.models.structure import layer_dict
-from bpcp_jax.spec import ArchSpec, block_name
+from bpcp_jax.families import layers as L
+from bpcp_jax.families.structure import layer_dict
+from bpcp_jax.families.spec import ArchSpec, block_name
 
 CONV1X1_IMPLS = ("einsum", "conv")
 

@@ -27,10 +27,10 @@ from typing import Any, Callable, Mapping, Optional
 import jax
 import numpy as np
 
-from bpcp_jax.coupling import ELEMENTWISE, REDUCTIONS
-from bpcp_jax.latency import OpTimer, measure_latency
-from bpcp_jax.tracing import Lit
-from bpcp_jax.traced_network import (
+from bpcp_jax.tracer.coupling import ELEMENTWISE, REDUCTIONS
+from bpcp_jax.deploy.latency import OpTimer, measure_latency
+from bpcp_jax.tracer.program import Lit
+from bpcp_jax.tracer.network import (
     TracedNetwork,
     adjusted_params,
     eqn_macs,
@@ -378,14 +378,14 @@ def select_resnet(
 
   Scores come from ``channel_prune.channel_importance`` (any of its criteria); the traced groups
   are matched to the declared ones, so the result is ``(masks, report, selection)`` with masks
-  for ``bpcp_jax.materialize`` and a report in ``channel_prune.format_report``'s form.
+  for ``bpcp_jax.families.materialize`` and a report in ``channel_prune.format_report``'s form.
   """
   import jax.numpy as jnp
 
-  from bpcp_jax.channel_prune import channel_importance
-  from bpcp_jax.masks import init_masks
-  from bpcp_jax.models.structure import declared_members
-  from bpcp_jax.traced_network import trace_network
+  from bpcp_jax.pruning.channel_prune import channel_importance
+  from bpcp_jax.pruning.masks import init_masks
+  from bpcp_jax.families.structure import declared_members
+  from bpcp_jax.tracer.network import trace_network
 
   batch = select_kwargs.get("batch", 1)
   x = jnp.zeros((batch, image_size, image_size, 3), jnp.float32)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from bpcp_jax.spec import ArchSpec, block_name
+from bpcp_jax.families.spec import ArchSpec, block_name
 
 
 @dataclasses.dataclass(frozen=True)

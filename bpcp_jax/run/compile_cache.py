@@ -32,7 +32,7 @@ def host_fingerprint() -> str:
   """A short name for what compiled code depends on here: CPU model and flags, jaxlib version."""
   import jaxlib
 
-  from bpcp_jax.host import cpu_fields
+  from bpcp_jax.run.host import cpu_fields
 
   cpu = cpu_fields()
   parts = [platform.machine(), getattr(jaxlib, "__version__", "?")]
@@ -42,7 +42,7 @@ def host_fingerprint() -> str:
 
 
 def default_cache_dir() -> str:
-  from bpcp_jax.data import cache_root
+  from bpcp_jax.training.data import cache_root
 
   return os.path.join(cache_root(), "xla", host_fingerprint())
 

@@ -14,9 +14,9 @@ from typing import Any, Union
 import jax
 import numpy as np
 
-from bpcp_jax.models.resnet import ResNet
-from bpcp_jax.models.structure import layer_table
-from bpcp_jax.spec import ArchSpec
+from bpcp_jax.families.resnet import ResNet
+from bpcp_jax.families.structure import layer_table
+from bpcp_jax.families.spec import ArchSpec
 
 
 def layer_counts(layer) -> tuple[int, int]:

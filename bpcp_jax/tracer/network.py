@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bpcp_jax.coupling import Coupling, find_coupling
-from bpcp_jax.masks import check_mask_tree, full_masks
-from bpcp_jax.tracing import Lit, Program, path_str, run_program, trace_program
+from bpcp_jax.tracer.coupling import Coupling, find_coupling
+from bpcp_jax.pruning.masks import check_mask_tree, full_masks
+from bpcp_jax.tracer.program import Lit, Program, path_str, run_program, trace_program
 
 
 @dataclasses.dataclass(eq=False)

@@ -21,17 +21,17 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from bpcp_jax import data, parallel, steps
-from bpcp_jax.channel_prune import format_report, prune_channels
-from bpcp_jax.checkpoint import CheckpointError, StageCheckpoints, spec_from_meta
-from bpcp_jax.config import STAGES, check_config, stage_list
-from bpcp_jax.loop import MetricsLog, StageRun, evaluate, train_stage
-from bpcp_jax.masks import init_masks
-from bpcp_jax.materialize import materialize
-from bpcp_jax.models.resnet import ResNet
-from bpcp_jax.models.structure import group_widths
-from bpcp_jax.optim import lr_schedule, make_optimizer
-from bpcp_jax.spec import ArchSpec, dense_spec, parse_model_name
+from bpcp_jax.training import data, parallel, steps
+from bpcp_jax.pruning.channel_prune import format_report, prune_channels
+from bpcp_jax.training.checkpoint import CheckpointError, StageCheckpoints, spec_from_meta
+from bpcp_jax.run.config import STAGES, check_config, stage_list
+from bpcp_jax.training.loop import MetricsLog, StageRun, evaluate, train_stage
+from bpcp_jax.pruning.masks import init_masks
+from bpcp_jax.families.materialize import materialize
+from bpcp_jax.families.resnet import ResNet
+from bpcp_jax.families.structure import group_widths
+from bpcp_jax.training.optim import lr_schedule, make_optimizer
+from bpcp_jax.families.spec import ArchSpec, dense_spec, parse_model_name
 
 TRAINING_STAGES = ("pretrain", "search", "finetune_blocks", "finetune_channels")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -83,7 +83,7 @@ def check_run_config(config) -> None:
   p = config.stages.prune
   if not 0.0 <= p.ratio < 1.0:
     raise ValueError(f"config key 'stages.prune.ratio' must be in [0, 1), got {p.ratio}")
-  from bpcp_jax.channel_prune import CRITERIA, REDUCTIONS, SCOPES, TARGETS
+  from bpcp_jax.pruning.channel_prune import CRITERIA, REDUCTIONS, SCOPES, TARGETS
   for key, value, valid in (("criterion", p.criterion, CRITERIA), ("reduce", p.reduce, REDUCTIONS),
                             ("target", p.target, TARGETS), ("scope", p.scope, SCOPES)):
     if value not in valid:
@@ -204,7 +204,7 @@ def run_prune_stage(ctx: RunContext, inp: StageOutput) -> StageOutput:
   key = jax.random.PRNGKey(config.seed)
   selection = None
   if p.selection == "speed":
-    from bpcp_jax.speed_select import select_resnet
+    from bpcp_jax.pruning.speed_select import select_resnet
 
     target = {"latency_budget_ms": p.latency_ms} if p.latency_ms > 0 else {"macs_fraction": 1.0 - p.ratio}
     masks, report, selection = select_resnet(
@@ -243,7 +243,7 @@ def _speed_report(p, selection) -> str:
 def run_pipeline(config, workdir: str, *, resume: bool = False, data_path: Optional[str] = None,
                  input_dir: Optional[str] = None, progress: bool = True) -> dict[str, Any]:
   """Run the configured stages in ``workdir``; returns the summary (also written to disk)."""
-  from bpcp_jax import report
+  from bpcp_jax.run import report
 
   check_run_config(config)
   stages = stage_list(config)
@@ -257,7 +257,7 @@ def run_pipeline(config, workdir: str, *, resume: bool = False, data_path: Optio
       json.dump(config.to_dict(), f, indent=2, sort_keys=True)
 
   if input_dir:
-    from bpcp_jax.checkpoint import load_network
+    from bpcp_jax.training.checkpoint import load_network
 
     net, variables, meta = load_network(input_dir)
     gates = {}
