@@ -31,6 +31,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import bpcp_jax as bp  # noqa: E402
+from bpcp_jax.families.provider import FamilyNetwork  # noqa: E402
 from bpcp_jax.training import optim, parallel, steps  # noqa: E402
 from bpcp_jax.pruning.channel_prune import prune_channels  # noqa: E402
 
@@ -42,7 +43,7 @@ TORCH_CHANNELS_LAST = {"dense": 113.0, "search": 78.0}
 
 def build(mode: str, model_name: str, batch: int, seed: int = 0):
   """(model, tx, host state, host batch) for one step kind, as the pipeline builds them."""
-  model = bp.create_model(model_name, bn_axis_name=parallel.AXIS)
+  model = bp.create_model(model_name)
   variables = common.fast_init(model, seed)
   tx = optim.make_optimizer(0.1)
   gates, channels = None, None
@@ -62,13 +63,13 @@ def build(mode: str, model_name: str, batch: int, seed: int = 0):
 def make_runner(mode: str, wrapper: str, model_name: str, batch: int):
   """A closure running one step (state kept inside), with its first-call time."""
   model, tx, state, host_batch = build(mode, model_name, batch)
+  network = FamilyNetwork.of(model)
   if wrapper == "pmap":
-    fn = parallel.parallel_train_step(model, tx, mode=mode, gamma=0.05)
+    fn = parallel.parallel_train_step(network, tx, mode=mode, gamma=0.05)
     box = {"state": parallel.replicate(state)}
     dev_batch = parallel.shard_batch(host_batch)
   else:  # one device, plain jit; BN statistics are local (no mapped axis)
-    model = model.clone(bn_axis_name=None)
-    fn = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, mode=mode, gamma=0.05),
+    fn = jax.jit(functools.partial(steps.train_step, network=network, tx=tx, mode=mode, gamma=0.05),
                  donate_argnums=(0,))
     box = {"state": jax.device_put(state)}
     dev_batch = jax.device_put(host_batch)

@@ -10,7 +10,13 @@ The curated public API. A typical session::
     bp.count_params_macs(small)
 """
 
-from bpcp_jax.pruning.block_search import decide_blocks, gate_penalty, gate_probabilities, hard_gates, sample_gates
+from bpcp_jax.pruning.block_search import (
+    decide_blocks, gate_penalty, gate_probabilities, hard_gates, sample_gates, select_blocks)
+from bpcp_jax.pruning.network import PrunableNetwork, network_from_description
+from bpcp_jax.families.provider import FamilyNetwork
+from bpcp_jax.tracer.provider import FlaxNetwork
+from bpcp_jax.training.checkpoint import load_network, load_stage
+from bpcp_jax.training.weights import load_weights
 from bpcp_jax.families.counting import count_leaves, count_params_macs, layer_report
 from bpcp_jax.pruning.masks import check_masks, init_masks, kept_blocks, pruned_spec
 from bpcp_jax.families.materialize import materialize, materialize_masks
@@ -50,7 +56,8 @@ def model_from_spec(spec: ArchSpec, **module_kwargs) -> ResNet:
 
 
 __all__ = [
-    "ArchSpec", "BlockSpec", "FAMILIES", "OpTimer", "PrunedNetwork", "ResNet", "Selection", "StageSpec",
+    "ArchSpec", "BlockSpec", "FAMILIES", "FamilyNetwork", "FlaxNetwork", "PrunableNetwork", "load_network",
+    "load_stage", "load_weights", "network_from_description", "select_blocks", "OpTimer", "PrunedNetwork", "ResNet", "Selection", "StageSpec",
     "TracedNetwork", "check_masks", "check_traced_masks", "count_leaves", "count_params_macs", "count_traced",
     "create_model", "decide_blocks", "dense_spec", "enable_compilation_cache", "gate_penalty", "gate_probabilities", "group_widths",
     "hard_gates", "init_masks", "init_traced_masks", "kept_blocks", "layer_report", "layer_table",

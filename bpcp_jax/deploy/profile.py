@@ -6,18 +6,18 @@ from typing import Any
 
 import numpy as np
 
-from bpcp_jax.families.counting import count_params_macs
 from bpcp_jax.deploy.latency import measure_latency
 
 
-def profile_network(model, variables, batch_sizes=(1, 128), repeats: int = 20, image_size: int = 32) -> dict[str, Any]:
+def profile_network(network, variables, batch_sizes=(1, 128), repeats: int = 20) -> dict[str, Any]:
   """Params, MACs, blocks and the deployed network's latency (median of ``repeats`` calls) at each
-  batch size."""
-  counts = count_params_macs(model)
+  batch size, for a ``PrunableNetwork`` (a family network or a traced Flax network)."""
+  counts = network.counts(variables)
   out: dict[str, Any] = {"params": counts["params"], "macs": counts["macs"], "blocks": counts["blocks"]}
   rng = np.random.default_rng(0)
+  model = network.deployable()
   for b in batch_sizes:
-    x = rng.standard_normal((b, image_size, image_size, 3), np.float32)
+    x = rng.standard_normal((b, *network.input_shape), np.float32)
     ms = measure_latency(model, variables, x, repeats=repeats, min_time_s=0.0)
     out[f"latency_ms_b{b}"] = ms
     out[f"images_per_s_b{b}"] = b / (ms / 1e3)

@@ -21,7 +21,7 @@ multiples of N, which kernels turn into speed (see the speed notes).
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -113,16 +113,37 @@ def select_channels(
     prune_ratio: float,
     *,
     masks: Optional[Mapping[str, Any]] = None,
+    **select_kwargs,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+  """Choose channels of a ResNet-family network to remove; returns ``(masks, report)``.
+
+  See ``select_from_scores`` for the keywords (``target``, ``scope``, ``min_channels``, ``round_to``).
+  """
+  spec = model.spec
+  masks = init_masks(spec) if masks is None else masks
+  return select_from_scores(live_groups(spec, masks), scores, prune_ratio, masks=masks,
+                            macs_of=lambda widths: count_params_macs(_spec_with(spec, masks, widths))["macs"],
+                            **select_kwargs)
+
+
+def select_from_scores(
+    groups,
+    scores: Mapping[str, np.ndarray],
+    prune_ratio: float,
+    *,
+    masks: Mapping[str, Any],
+    macs_of: Callable[[Mapping[str, int]], int],
     target: str = "channels",
     scope: str = "global",
     min_channels: int = 1,
     round_to: int = 1,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-  """Choose channels to remove; returns ``(masks, report)``.
+  """Choose channels to remove from the live ``groups`` of any network; returns ``(masks, report)``.
 
   ``prune_ratio`` is the fraction removed: of the live channels (each group's channels counted
-  once) for ``target="channels"``, of the network's MACs for ``target="macs"``. The report has
-  one row per group: width before, kept, and whether ``min_channels`` saved it from emptying.
+  once) for ``target="channels"``, of the network's MACs for ``target="macs"`` (``macs_of(widths)``
+  gives the MACs with every group of ``groups`` at the given width). The report has one row per
+  group: width before, kept, and whether ``min_channels`` saved it from emptying.
   """
   if not 0.0 <= prune_ratio < 1.0:
     raise ValueError(f"prune_ratio must be in [0, 1), got {prune_ratio}")
@@ -132,9 +153,7 @@ def select_channels(
     raise ValueError(f"unknown pruning scope {scope!r}; choose from {', '.join(SCOPES)}")
   if min_channels < 1 or round_to < 1:
     raise ValueError(f"min_channels and round_to must be >= 1, got {min_channels} and {round_to}")
-  spec = model.spec
-  masks = init_masks(spec) if masks is None else masks
-  groups = live_groups(spec, masks)
+  groups = list(groups)
   missing = [g for g in groups if g not in scores]
   if missing:
     raise ValueError(f"no importance scores for channel groups {missing}")
@@ -159,7 +178,7 @@ def select_channels(
   def metric(widths):
     if target == "channels":
       return sum(widths.values())
-    return count_params_macs(_spec_with(spec, masks, widths))["macs"]
+    return macs_of(widths)
 
   full = metric(sizes)
   goal = full * (1.0 - prune_ratio)

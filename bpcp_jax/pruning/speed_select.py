@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, Callable, Mapping, Optional
 
 import jax
@@ -42,7 +43,6 @@ from bpcp_jax.tracer.network import (
 )
 
 COSTS = ("macs", "latency")
-TRACED_CRITERIA = ("bn_scale", "l1")
 
 
 def _leaf_codes(net: TracedNetwork, program, coupling, path: str, axis: int) -> np.ndarray:
@@ -50,32 +50,48 @@ def _leaf_codes(net: TracedNetwork, program, coupling, path: str, axis: int) -> 
   return coupling.codes[program][vid][axis]
 
 
-def traced_importance(net: TracedNetwork, variables, criterion: str = "bn_scale") -> dict[str, np.ndarray]:
-  """One score per channel of every group (higher = keep).
+def traced_importance(net: TracedNetwork, variables, criterion: str = "bn_scale", *, reduce: str = "max",
+                      key: Optional[jax.Array] = None) -> dict[str, np.ndarray]:
+  """One score per channel of every group (higher = keep), from the members the trace found.
 
-  ``bn_scale``: the largest |scale| of the normalisation layers (rank-1 ``scale`` variables) in
-  the group; a group without one falls back to ``l1``. ``l1``: the largest L1 norm of the
-  filters producing the channel (each producer's norms divided by their mean, so layers of
-  different fan-in compare).
+  ``bn_scale``: |scale| of the normalisation layers (rank-1 ``scale`` variables) in the group; a
+  group without one falls back to ``l1``. ``l1`` / ``l2`` / ``cop``: the filters producing the
+  channel (``channel_prune``'s filter criteria; L1 and L2 norms divided by their layer's mean, so
+  layers of different fan-in compare). ``random``: uniform scores drawn from ``key``. Several
+  members of one channel are combined by ``reduce`` (``max``, ``mean`` or ``sum``).
   """
-  if criterion not in TRACED_CRITERIA:
-    raise ValueError(f"unknown criterion {criterion!r}; choose from {', '.join(TRACED_CRITERIA)}")
+  from bpcp_jax.pruning.channel_prune import CRITERIA, REDUCTIONS, _filter_scores
+
+  if criterion not in CRITERIA:
+    raise ValueError(f"unknown channel criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
+  if reduce not in REDUCTIONS:
+    raise ValueError(f"unknown group reduction {reduce!r}; choose from {', '.join(REDUCTIONS)}")
+  if criterion == "random":
+    if key is None:
+      raise ValueError("criterion 'random' needs a PRNG key (key=...)")
+    keys = jax.random.split(key, max(len(net.groups), 1))
+    return {name: np.asarray(jax.random.uniform(k, (g.width,))) for (name, g), k in zip(net.groups.items(), keys)}
   program, coupling = net.traced("eval", example_inputs_of(net))
   leaves = {path: np.asarray(x) for path, x in leaves_by_path(variables).items()}
+  reducer = {"max": np.nanmax, "mean": np.nanmean, "sum": np.nansum}[reduce]
   scores = {}
   for name, g in net.groups.items():
     off = coupling.offsets[name]
-    best = np.full(g.width, -np.inf)
-    found = False
-    members = [m for m in g.members if m[0].startswith("params/") and m[0].endswith("/scale")] if criterion == "bn_scale" else []
-    if members:
-      for path, axis in members:
-        code = _leaf_codes(net, program, coupling, path, axis)
-        values = np.abs(leaves[path])
-        sel = (code >= off) & (code < off + g.width)
-        np.maximum.at(best, code[sel] - off, values[sel])
-        found = True
-    if not found:
+    rows = []
+
+    def add(path, axis, values):
+      code = _leaf_codes(net, program, coupling, path, axis)
+      sel = (code >= off) & (code < off + g.width)
+      row = np.full(g.width, np.nan)
+      row[code[sel] - off] = values[sel]
+      rows.append(row)
+
+    if criterion == "bn_scale":
+      for path, axis in g.members:
+        if path.startswith("params/") and path.endswith("/scale") and leaves[path].ndim == 1:
+          add(path, axis, np.abs(leaves[path].astype(np.float64)))
+    if not rows:
+      filter_criterion = "l1" if criterion == "bn_scale" else criterion
       for path in g.producers:
         if path not in leaves:  # a weight computed from several variables: no single filter to score
           continue
@@ -84,12 +100,17 @@ def traced_importance(net: TracedNetwork, variables, criterion: str = "bn_scale"
           code = _leaf_codes(net, program, coupling, path, axis)
           if code is None or not ((code >= off) & (code < off + g.width)).any():
             continue
-          norms = np.abs(np.moveaxis(kernel, axis, 0)).reshape(kernel.shape[axis], -1).sum(1)
-          norms = norms / max(norms.mean(), 1e-12)
-          sel = (code >= off) & (code < off + g.width)
-          np.maximum.at(best, code[sel] - off, norms[sel])
-          found = True
-    scores[name] = best if found else np.full(g.width, np.inf)
+          values = _filter_scores(np.moveaxis(kernel, axis, -1), filter_criterion)
+          if filter_criterion != "cop":
+            values = values / max(values.mean(), 1e-12)
+          add(path, axis, values)
+    if rows:
+      with warnings.catch_warnings():  # a position no member covers stays NaN (kept whole below)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        s = reducer(np.stack(rows), axis=0)
+      scores[name] = np.where(np.isnan(s), np.inf, s)
+    else:
+      scores[name] = np.full(g.width, np.inf)
   return scores
 
 

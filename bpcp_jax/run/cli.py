@@ -100,21 +100,21 @@ def _run(args, overrides) -> int:
 
 
 def _eval(args, config, progress) -> int:
-  from bpcp_jax.training.checkpoint import load_network
+  from bpcp_jax.training.checkpoint import load_stage
   from bpcp_jax.run.pipeline import StageOutput, evaluate_output, load_data
 
   if not args.input_dirs:
     raise ValueError("eval needs --from <stage checkpoint dir>")
   _, test = load_data(config, args.data, progress=progress)
   for d in args.input_dirs:
-    net, variables, meta = load_network(d)
-    acc = evaluate_output(config, StageOutput(net.spec, variables, {}), test, progress)
+    net, variables, meta = load_stage(d)
+    acc = evaluate_output(config, StageOutput(net, variables, {}), test, progress)
     print(json.dumps({"checkpoint": d, "stage": meta.get("stage"), "accuracy": acc, "test_images": len(test.labels)}))
   return 0
 
 
 def _profile(args, config) -> int:
-  from bpcp_jax.training.checkpoint import load_network
+  from bpcp_jax.training.checkpoint import load_stage
   from bpcp_jax.deploy.profile import profile_network
 
   dirs = list(args.input_dirs)
@@ -127,7 +127,7 @@ def _profile(args, config) -> int:
   batch_sizes = tuple(int(b) for b in str(config.profile.batch_sizes).split(","))
   rows = []
   for d in dirs:
-    net, variables, _ = load_network(d)
+    net, variables, _ = load_stage(d)
     rows.append({"network": d, **profile_network(net, variables, batch_sizes, repeats=config.profile.repeats)})
   head = ["network", "params", "macs", "blocks"] + [f"latency_ms_b{b}" for b in batch_sizes]
   print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))

@@ -25,8 +25,13 @@ class ConfigError(ValueError):
 def default_config() -> ml_collections.ConfigDict:
   """The paper's recipe (ResNet-v2-56, 160 epochs per training stage, CIFAR-10)."""
   c = ml_collections.ConfigDict()
+  # a family network ("resnet_v2_56") or your own Flax classifier: "path/to/file.py:make_model" or
+  # "package.module:make_model" (called with num_classes if it takes it; traced to find its groups)
   c.model = "resnet_v2_56"
   c.num_classes = 10
+  # start from trained weights instead of a fresh init: an orbax checkpoint directory or a flax
+  # msgpack file (flax.serialization.to_bytes of the variables); then pretraining can be skipped
+  c.init_from = ""
   c.init_style = "original"
   c.dtype = "float32"
   c.seed = 0
@@ -51,8 +56,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.stages = ml_collections.ConfigDict()
   c.stages.run = ",".join(STAGES)  # which stages the pipeline runs, in this order
   c.stages.pretrain = ml_collections.ConfigDict({"epochs": 160, "lr": 0.1, "bn_l1": 0.0})
-  c.stages.search = ml_collections.ConfigDict({"epochs": 160, "lr": 0.1, "gamma": 0.05})
-  c.stages.finetune_blocks = ml_collections.ConfigDict({"epochs": 160, "lr": 0.1})
+  # method "bp": the learned search; "random" / "last": remove `blocks` blocks by that rule instead
+  # (the controls; random draws with select_seed), no training
+  c.stages.search = ml_collections.ConfigDict({"epochs": 160, "lr": 0.1, "gamma": 0.05, "method": "bp",
+                                               "blocks": 0, "select_seed": 0})
+  # distill > 0: the dense network teaches at that temperature, with weight distill_weight on its soft targets
+  c.stages.finetune_blocks = ml_collections.ConfigDict({"epochs": 160, "lr": 0.1, "distill": 0.0,
+                                                        "distill_weight": 0.5})
   c.stages.prune = ml_collections.ConfigDict({
       "criterion": "bn_scale", "ratio": 0.4, "target": "channels", "reduce": "max", "scope": "global",
       "round_to": 1, "min_channels": 1,
@@ -60,7 +70,8 @@ def default_config() -> ml_collections.ConfigDict:
       # importance per unit of cost (speed_select.py), cost "macs" or measured "latency" at
       # latency_batch; latency_ms > 0 replaces the ratio by a measured latency budget
       "selection": "criterion", "cost": "latency", "latency_batch": 1, "latency_ms": 0.0, "blocks": True})
-  c.stages.finetune_channels = ml_collections.ConfigDict({"epochs": 160, "lr": 0.1})
+  c.stages.finetune_channels = ml_collections.ConfigDict({"epochs": 160, "lr": 0.1, "distill": 0.0,
+                                                          "distill_weight": 0.5})
 
   c.checkpoint = ml_collections.ConfigDict({"keep": 3, "every_steps": 0})
   c.log_every_steps = 20

@@ -18,24 +18,21 @@ import numpy as np
 
 
 def _network_entry(ctx, out, accuracy) -> dict[str, Any]:
-  from bpcp_jax.run.pipeline import build_model, channels_per_group
   from bpcp_jax.deploy.profile import profile_network
-  from bpcp_jax.families.resnet import ResNet
 
   cfg = ctx.config
-  model = build_model(cfg, out.spec)
-  plain = ResNet(spec=out.spec, dtype=model.dtype, init_style=model.init_style)  # no pmap axis for timing
   batch_sizes = tuple(int(b) for b in str(cfg.profile.batch_sizes).split(",") if b.strip())
-  entry = {"accuracy": accuracy, **profile_network(plain, out.variables, batch_sizes, repeats=cfg.profile.repeats)}
-  entry["blocks_kept"] = out.spec.block_names()
-  entry["channels_per_group"] = channels_per_group(out.spec)
-  entry["spec"] = out.spec.to_dict()
+  entry = {"accuracy": accuracy, **profile_network(out.network, out.variables, batch_sizes, repeats=cfg.profile.repeats)}
+  entry.update(out.network.structure())
+  desc = out.network.describe()
+  entry["network"] = desc
+  if desc["kind"] == "family":
+    entry["spec"] = desc["spec"]
   return entry
 
 
 def summarize(ctx, dense, final, history) -> dict[str, Any]:
   """Evaluate what is missing, profile both networks and write ``summary.json``."""
-  from bpcp_jax.families.counting import count_params_macs
   from bpcp_jax.run.pipeline import evaluate_output
 
   cfg = ctx.config
@@ -50,8 +47,7 @@ def summarize(ctx, dense, final, history) -> dict[str, Any]:
                   "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()},
       "dense": _network_entry(ctx, dense, dense_acc),
       "pruned": _network_entry(ctx, final, final_acc),
-      "stages": {name: {"accuracy": out.accuracy, "params": count_params_macs(out.spec)["params"],
-                        "macs": count_params_macs(out.spec)["macs"], "blocks": out.spec.num_blocks}
+      "stages": {name: {"accuracy": out.accuracy, **out.network.counts(out.variables)}
                  for name, out in history.items()},
   }
   d, p = summary["dense"], summary["pruned"]

@@ -431,3 +431,24 @@ def count_traced(net_or_pruned, variables, *example_inputs, mode: str = "eval") 
     shape, eqns = program.shape, list(enumerate(program.eqns))
   batch = int(np.shape(jax.tree_util.tree_leaves(inputs)[0])[0])
   return params, sum(eqn_macs(e, shape) for _, e in eqns) // batch
+
+
+def count_traced_at(net: TracedNetwork, widths: Mapping[str, int], keep_blocks: Optional[Mapping[str, bool]] = None,
+                    mode: str = "eval") -> int:
+  """Multiply-accumulates per example with every group of ``widths`` narrowed to that many channels
+  and the blocks ``keep_blocks`` marks False removed (what a selection to these widths would count)."""
+  inputs = _first_inputs(net)
+  program, coupling = net.traced(mode, inputs)
+  keep_flat = np.ones(coupling.total_channels + 1, bool)
+  for g, w in widths.items():
+    off, width = coupling.offsets[g], coupling.groups[g].width
+    keep_flat[off + int(w):off + width] = False
+  keep_blocks = keep_blocks or {}
+  alias = {program.eqns[b.eqn].outs[0]: b.residual for b in coupling.block_sites[program].values()
+           if not keep_blocks.get(b.name, True)}
+  live = live_values(program, alias, [v for v in program.outvars if not isinstance(v, Lit)])
+  codes = coupling.codes[program]
+  total = sum(eqn_macs(e, lambda v: shape_under(program, codes, keep_flat, v))
+              for e in program.eqns if any(o in live for o in e.outs) and e.outs[0] not in alias)
+  batch = int(np.shape(jax.tree_util.tree_leaves(inputs)[0])[0])
+  return total // batch

@@ -111,17 +111,30 @@ class StageCheckpoints:
 def spec_from_meta(meta: dict[str, Any], where: str = "checkpoint") -> ArchSpec:
   try:
     return ArchSpec.from_dict(meta["spec"])
-  except (KeyError, ValueError) as e:
+  except (KeyError, ValueError, TypeError) as e:
     raise CheckpointError(f"{where} has no usable architecture spec: {e}") from e
 
 
-def load_network(directory: str, step: Optional[int] = None, **module_kwargs):
-  """A network from one stage checkpoint alone: ``(model, variables, meta)``.
+def network_meta(meta: dict[str, Any], key: str = "network", where: str = "checkpoint") -> dict[str, Any]:
+  """The network description a checkpoint's meta holds under ``key`` (``"network"``, or
+  ``"input_network"`` for the prune stage's input). Checkpoints written before user networks
+  hold a family spec under ``"spec"`` / ``"input_spec"``: read as a family description."""
+  if key in meta:
+    return meta[key]
+  legacy = {"network": "spec", "input_network": "input_spec"}[key]
+  if legacy in meta:
+    return {"kind": "family", "spec": meta[legacy]}
+  raise CheckpointError(f"{where} has no network description (meta key {key!r}); it was not written by bpcp_jax")
 
-  ``directory`` is a stage directory (``<workdir>/checkpoints/<stage>``). The spec stored with
-  the weights rebuilds the (possibly pruned) module; nothing of the dense network is needed.
+
+def load_stage(directory: str, step: Optional[int] = None, **network_options):
+  """A stage checkpoint alone as ``(PrunableNetwork, variables, meta)`` (any provider).
+
+  ``directory`` is a stage directory (``<workdir>/checkpoints/<stage>``). The network description
+  stored with the weights rebuilds the (possibly pruned) network; nothing of the dense network is
+  needed. ``CheckpointError`` names the directory when it is missing or unusable.
   """
-  from bpcp_jax.families.resnet import ResNet
+  from bpcp_jax.pruning.network import network_from_description
 
   if not os.path.isdir(directory):
     raise CheckpointError(f"checkpoint directory not found: {directory}")
@@ -130,6 +143,21 @@ def load_network(directory: str, step: Optional[int] = None, **module_kwargs):
     tree, meta = ckpt.restore_raw(step)
   finally:
     ckpt.close()
-  spec = spec_from_meta(meta, where=directory)
+  desc = network_meta(meta, where=directory)
+  try:
+    network = network_from_description(desc, **network_options)
+  except (KeyError, ValueError, TypeError) as e:
+    raise CheckpointError(f"{directory} holds a network description that cannot be rebuilt: {e}") from e
   variables = {"params": tree["params"], "batch_stats": tree.get("batch_stats") or {}}
-  return ResNet(spec=spec, **module_kwargs), variables, meta
+  return network, variables, meta
+
+
+def load_network(directory: str, step: Optional[int] = None):
+  """``(model, variables)`` of any stage checkpoint: the Flax module (a ResNet of the families, or
+  the user's network, pruned as the checkpoint says) and its variables, ready for
+  ``model.apply(variables, images)`` or ``bp.make_predictor(model, variables)``.
+
+  ``directory``: ``<workdir>/checkpoints/<stage>``; ``step``: a checkpoint step (default the latest).
+  """
+  network, variables, _ = load_stage(directory, step)
+  return network.deployable(), variables

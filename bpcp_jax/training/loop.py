@@ -25,7 +25,6 @@ from tqdm.auto import tqdm
 from bpcp_jax.training import data, parallel
 from bpcp_jax.pruning.block_search import gate_probabilities
 from bpcp_jax.training.checkpoint import NonFiniteState, StageCheckpoints
-from bpcp_jax.families.structure import group_widths
 
 TIMING_KEYS = ("images_per_s", "epoch_seconds", "time")
 
@@ -39,7 +38,7 @@ class StageRun:
   """Everything the loop of one stage needs (built by the pipeline)."""
 
   name: str
-  model: Any
+  network: Any  # a PrunableNetwork
   tx: Any
   schedule: Callable[[int], float]
   mode: str
@@ -58,6 +57,8 @@ class StageRun:
   log_every: int = 20
   eval_every_epochs: int = 1
   progress: bool = True
+  distill: Any = None  # steps.Distillation: the dense network as a teacher
+  teacher_variables: Any = None
 
   @property
   def steps_per_epoch(self) -> int:
@@ -143,9 +144,11 @@ def train_stage(run: StageRun, state, *, start_step: int = 0, start_sums: Option
   if spe == 0:
     raise ValueError(f"stage {run.name}: the training set ({len(run.train.labels)} images) is smaller than "
                      f"one batch ({run.batch_size})")
-  p_step = parallel.parallel_train_step(run.model, run.tx, mode=run.mode, gamma=run.gamma, bn_l1=run.bn_l1)
-  p_eval = p_eval or parallel.parallel_eval_step(run.model)
+  p_step = parallel.parallel_train_step(run.network, run.tx, mode=run.mode, gamma=run.gamma, bn_l1=run.bn_l1,
+                                        distill=run.distill)
+  p_eval = p_eval or parallel.parallel_eval_step(run.network)
   state_r = parallel.replicate(state)
+  extra = () if run.distill is None else (parallel.replicate(run.teacher_variables),)
   log = MetricsLog(run.metrics_path)
   last_eval: dict[str, float] = {}
   start_epoch = start_step // spe
@@ -161,7 +164,7 @@ def train_stage(run: StageRun, state, *, start_step: int = 0, start_sums: Option
     step = epoch * spe + skip
     with batches:
       for batch in batches:
-        state_r, metrics = p_step(state_r, batch)
+        state_r, metrics = p_step(state_r, batch, *extra)
         sums = metrics if sums is None else jax.tree.map(lambda a, b: a + b, sums, metrics)
         step += 1
         bar.update(1)
@@ -187,8 +190,8 @@ def train_stage(run: StageRun, state, *, start_step: int = 0, start_sums: Option
       probs = gate_probabilities(host.gates)
       record["gate_probs"] = {k: float(v) for k, v in sorted(probs.items())}
       record["blocks_kept"] = int(sum(float(v) >= 0.5 for v in probs.values()))
-    record["blocks"] = run.model.spec.num_blocks
-    record["channels"] = int(sum(group_widths(run.model.spec).values()))
+    record["blocks"] = len(run.network.block_names)
+    record["channels"] = int(sum(run.network.group_widths.values()))
     last_epoch = epoch + 1 == run.epochs
     if last_epoch or (run.eval_every_epochs and (epoch + 1) % run.eval_every_epochs == 0):
       last_eval = evaluate(p_eval, state_r, run.test, run.eval_batch_size, desc=f"{run.name} eval",

@@ -77,14 +77,15 @@ def _guarded(fn, n: int):
   return chex.assert_max_traces(step, n=n)
 
 
-def parallel_train_step(model, tx, *, mode: str = "dense", gamma: float = 0.0, bn_l1: float = 0.0,
-                        augment: bool = True, max_traces: int = 1):
-  """``train_step`` mapped over the local devices, donating the old state."""
-  fn = functools.partial(steps.train_step, model=model, tx=tx, mode=mode, gamma=gamma, bn_l1=bn_l1,
-                         augment=augment, axis_name=AXIS)
+def parallel_train_step(network, tx, *, mode: str = "dense", gamma: float = 0.0, bn_l1: float = 0.0,
+                        augment: bool = True, distill=None, max_traces: int = 1):
+  """``train_step`` mapped over the local devices, donating the old state. With ``distill`` the
+  mapped step takes the replicated teacher variables as a third argument."""
+  fn = functools.partial(steps.train_step, network=network, tx=tx, mode=mode, gamma=gamma, bn_l1=bn_l1,
+                         augment=augment, axis_name=AXIS, distill=distill)
   return jax.pmap(_guarded(fn, max_traces), axis_name=AXIS, donate_argnums=(0,))
 
 
-def parallel_eval_step(model, max_traces: int = 1):
-  fn = functools.partial(steps.eval_step, model=model, axis_name=AXIS)
+def parallel_eval_step(network, max_traces: int = 1):
+  fn = functools.partial(steps.eval_step, network=network, axis_name=AXIS)
   return jax.pmap(_guarded(fn, max_traces), axis_name=AXIS)

@@ -13,7 +13,8 @@ devices share the batch.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import dataclasses
+from typing import Any, Mapping, Optional
 
 import flax
 import jax
@@ -75,26 +76,60 @@ def augment_batch(key, images_uint8, positions):
 
 
 def bn_scale_l1(params) -> jax.Array:
-  """Sum of |BN scale| over the network (network slimming's sparsity term)."""
+  """Sum of |scale| over every normalisation layer (a rank-1 ``scale`` leaf): network slimming's
+  sparsity term."""
   total = jnp.zeros((), jnp.float32)
-  for layer in params.values():
-    if "scale" in layer:
+  for name, layer in params.items():
+    if not isinstance(layer, Mapping):
+      continue
+    if "scale" in layer and jnp.ndim(layer["scale"]) == 1:
       total = total + jnp.sum(jnp.abs(layer["scale"]))
+    else:
+      total = total + bn_scale_l1({k: v for k, v in layer.items() if isinstance(v, Mapping)})
   return total
 
 
-def train_step(state: TrainState, batch, *, model, tx: optax.GradientTransformation, mode: str = "dense",
-               gamma: float = 0.0, bn_l1: float = 0.0, augment: bool = True, axis_name: Optional[str] = None):
-  """One optimisation step. ``batch``: ``{"image": uint8 [B,H,W,3], "label": int [B]}`` (per device)."""
+@dataclasses.dataclass(frozen=True)
+class Distillation:
+  """Knowledge distillation from a teacher network (Hinton et al., 2015): the loss becomes
+  ``(1 - weight) * CE + weight * T^2 * KL(softmax(teacher / T) || softmax(student / T))``."""
+
+  teacher: Any  # a PrunableNetwork, run in eval mode
+  temperature: float
+  weight: float = 0.5
+
+
+def distillation_loss(student_logits, teacher_logits, temperature: float) -> jax.Array:
+  """``T^2 * KL(softmax(t / T) || softmax(s / T))``, averaged over the batch."""
+  t = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)
+  s = jax.nn.log_softmax(student_logits / temperature, axis=-1)
+  return temperature ** 2 * jnp.mean(jnp.sum(jnp.exp(t) * (t - s), axis=-1))
+
+
+def train_step(state: TrainState, batch, teacher_variables=None, *, network, tx: optax.GradientTransformation,
+               mode: str = "dense", gamma: float = 0.0, bn_l1: float = 0.0, augment: bool = True,
+               axis_name: Optional[str] = None, distill: Optional[Distillation] = None):
+  """One optimisation step. ``batch``: ``{"image": uint8 [B,H,W,C], "label": int [B]}`` (per device).
+
+  ``teacher_variables``: the teacher's variables when ``distill`` is set (an argument, so the
+  teacher is neither compiled into the step nor saved in the state's checkpoints).
+  """
   if mode not in MODES:
     raise ValueError(f"unknown train mode {mode!r}; choose from {MODES}")
+  if (distill is None) != (teacher_variables is None):
+    raise ValueError("give both distill and teacher_variables, or neither")
   step_key = jax.random.fold_in(state.rng, state.step)
   images, labels = batch["image"], batch["label"]
   positions = _example_positions(images.shape[0], axis_name)
   x = augment_batch(jax.random.fold_in(step_key, 0), images, positions) if augment else data.normalize(images)
   gate_key = jax.random.fold_in(step_key, 1)
+  dropout_key = jax.random.fold_in(step_key, 2)
   if axis_name is not None:
     gate_key = jax.random.fold_in(gate_key, jax.lax.axis_index(axis_name))
+    dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(axis_name))
+  teacher_logits = None
+  if distill is not None:
+    teacher_logits = jax.lax.stop_gradient(distill.teacher.apply(teacher_variables, x, train=False))
 
   def loss_fn(trainable):
     masks, gates = None, None
@@ -104,17 +139,20 @@ def train_step(state: TrainState, batch, *, model, tx: optax.GradientTransformat
         masks = {"blocks": trainable["gates"], "channels": state.channel_masks}
     elif mode == "masked":
       masks = {"blocks": trainable["gates"], "channels": state.channel_masks}
-    logits, updates = model.apply(
+    logits, batch_stats = network.apply(
         {"params": trainable["params"], "batch_stats": state.batch_stats}, x, train=True,
-        masks=masks, block_gates=gates, mutable=["batch_stats"])
+        masks=masks, block_gates=gates, rng=dropout_key, axis_name=axis_name)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     loss = ce
+    if distill is not None:
+      loss = (1.0 - distill.weight) * ce + distill.weight * distillation_loss(logits, teacher_logits,
+                                                                               distill.temperature)
     if mode == "search":
       loss = loss + gate_penalty(gates, gamma)
     if bn_l1:
       loss = loss + bn_l1 * bn_scale_l1(trainable["params"])
     accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
-    return loss, (updates["batch_stats"], ce, accuracy)
+    return loss, (batch_stats, ce, accuracy)
 
   (loss, (batch_stats, ce, accuracy)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
   if mode != "search":  # the decided gates stay where the search left them
@@ -130,7 +168,7 @@ def train_step(state: TrainState, batch, *, model, tx: optax.GradientTransformat
   return new_state, metrics
 
 
-def eval_step(state: TrainState, batch, *, model, axis_name: Optional[str] = None):
+def eval_step(state: TrainState, batch, *, network, axis_name: Optional[str] = None):
   """Sums over the batch: correct predictions, cross-entropy, examples (``batch["weight"]`` masks padding).
 
   Under masks the gates are the decisions (keep iff logit >= 0)."""
@@ -138,8 +176,8 @@ def eval_step(state: TrainState, batch, *, model, axis_name: Optional[str] = Non
   if masks is not None and not masks["channels"]:
     masks = None
   gates = hard_gates(state.gates) if state.gates else None
-  logits = model.apply({"params": state.params, "batch_stats": state.batch_stats}, data.normalize(batch["image"]),
-                       train=False, masks=masks, block_gates=gates if masks is None else None)
+  logits = network.apply({"params": state.params, "batch_stats": state.batch_stats}, data.normalize(batch["image"]),
+                         train=False, masks=masks, block_gates=gates if masks is None else None)
   weight = batch.get("weight", jnp.ones(batch["label"].shape, jnp.float32))
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
   sums = {"correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * weight),

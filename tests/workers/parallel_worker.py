@@ -39,7 +39,10 @@ def main():
   from bpcp_jax.training import data, parallel, steps
   from bpcp_jax.training.optim import make_optimizer
 
-  model = bp.create_model("resnet_v2_11", bn_axis_name=None if a.reference else parallel.AXIS)
+  from bpcp_jax.families.provider import FamilyNetwork
+
+  model = bp.create_model("resnet_v2_11")
+  network = FamilyNetwork.of(model)
   variables = model.init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32), train=False)
   tx = make_optimizer(0.1)
   gates = bp.init_masks(model)["blocks"] if a.mode == "search" else None
@@ -49,13 +52,13 @@ def main():
   labels = rng.integers(0, 10, a.batch * a.steps).astype(np.int32)
   losses = []
   if a.reference:
-    fn = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, mode=a.mode, gamma=0.1))
+    fn = jax.jit(functools.partial(steps.train_step, network=network, tx=tx, mode=a.mode, gamma=0.1))
     for idx in data.epoch_batches(len(labels), a.batch, seed=0, epoch=0):
       state, m = fn(state, {"image": images[idx], "label": labels[idx]})
       losses.append(float(m["loss"]))
     params = state.params
   else:
-    p_step = parallel.parallel_train_step(model, tx, mode=a.mode, gamma=0.1)
+    p_step = parallel.parallel_train_step(network, tx, mode=a.mode, gamma=0.1)
     state_r = parallel.replicate(state)
     for idx in data.epoch_batches(len(labels), a.batch, seed=0, epoch=0, process_index=jax.process_index(),
                                   process_count=jax.process_count()):
