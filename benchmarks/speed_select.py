@@ -83,10 +83,10 @@ def train_rows(workdir, data, quiet_progress=True):
 def networks_from_runs(workdir):
   from bpcp_jax.training.checkpoint import load_network
 
-  nets = {"dense": load_network(os.path.join(workdir, "dense", "checkpoints", "pretrain"))[:2]}
+  nets = {"dense": load_network(os.path.join(workdir, "dense", "checkpoints", "pretrain"))}
   info = {"dense": {"top1": _summary(workdir, "dense")["dense"]["accuracy"]}}
   for name in ROWS:
-    model, variables, _ = load_network(os.path.join(workdir, name, "checkpoints", "finetune_channels"))
+    model, variables = load_network(os.path.join(workdir, name, "checkpoints", "finetune_channels"))
     nets[name] = (model, variables)
     summary = _summary(workdir, name)
     _, prune_meta = _prune_meta(workdir, name)

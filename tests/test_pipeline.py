@@ -74,7 +74,7 @@ def test_pipeline_writes_the_run_directory(tiny_run):
 def test_pruned_checkpoint_restores_alone(tiny_run, cifar_archive):
   workdir, cache, _ = tiny_run
   final = os.path.join(workdir, "checkpoints", "finetune_channels")
-  model, variables, meta = load_network(final)
+  model, variables = load_network(final)
   summary = _json(os.path.join(workdir, "summary.json"))
   assert model.spec == bp.ArchSpec.from_dict(summary["pruned"]["spec"])
   assert bp.count_leaves(variables["params"]) == summary["pruned"]["params"]

@@ -101,6 +101,33 @@ class MetricsLog:
     os.replace(tmp, self.path)
 
 
+class GateLog:
+  """``gates.jsonl``: the keep probability of every block during a search, every ``log_every`` steps
+  (how the decisions formed and whether they settled); a resumed search drops the lines past its
+  restart step, so the file reads as one uninterrupted search."""
+
+  def __init__(self, path: str):
+    self.path = path
+
+  def truncate_after(self, stage: str, step: int) -> None:
+    if jax.process_index() != 0 or not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      keep = [line for line in f if line.strip() and not (json.loads(line)["stage"] == stage
+                                                            and json.loads(line)["step"] > step)]
+    with open(self.path + ".tmp", "w") as f:
+      f.writelines(keep)
+    os.replace(self.path + ".tmp", self.path)
+
+  def append(self, stage: str, step: int, epoch: int, gates_r) -> None:
+    if jax.process_index() != 0:
+      return
+    probs = gate_probabilities({k: np.asarray(v)[0] for k, v in gates_r.items()})
+    with open(self.path, "a") as f:
+      f.write(json.dumps({"stage": stage, "step": step, "epoch": epoch,
+                          "gate_probs": {k: float(v) for k, v in sorted(probs.items())}}, sort_keys=True) + "\n")
+
+
 def evaluate(p_eval, state_r, split: data.Split, eval_batch_size: int, *, desc: str = "eval",
              progress: bool = True) -> dict[str, float]:
   """Accuracy and mean loss over every example of ``split`` (padding carries weight 0)."""
@@ -150,6 +177,9 @@ def train_stage(run: StageRun, state, *, start_step: int = 0, start_sums: Option
   state_r = parallel.replicate(state)
   extra = () if run.distill is None else (parallel.replicate(run.teacher_variables),)
   log = MetricsLog(run.metrics_path)
+  gate_log = GateLog(os.path.join(os.path.dirname(run.metrics_path), "gates.jsonl")) if run.mode == "search" else None
+  if gate_log is not None:
+    gate_log.truncate_after(run.name, start_step)
   last_eval: dict[str, float] = {}
   start_epoch = start_step // spe
   for epoch in range(start_epoch, run.epochs):
@@ -174,6 +204,8 @@ def train_stage(run: StageRun, state, *, start_step: int = 0, start_sums: Option
             raise NonFiniteLoss(_nan_message(run, epoch, step))
           done = (step - epoch * spe - skip) * run.batch_size
           bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{done / max(time.time() - t0, 1e-9):.0f}")
+          if gate_log is not None:
+            gate_log.append(run.name, step, epoch, state_r.gates)
         if run.every_steps and step % run.every_steps == 0 and step % spe:
           _save(run, state_r, step, epoch, metrics=None,
                 extra={"epoch_sums": {k: float(np.asarray(v)[0]) for k, v in sums.items()}})

@@ -1,0 +1,417 @@
+"""The block-search protocol (issue 14): does BP pick better blocks than random or a simple rule?
+
+ResNet-v2-56 (18 blocks) on all 50,000 CIFAR-10 training images, evaluated on all 10,000 test
+images. Every row starts from one dense network (experiments/configs/bp_protocol.py) and gets
+the same fine-tune budget:
+
+- ``dense``: the pretraining;
+- ``bp_gamma<g>``: BP block search at gamma ``g`` + fine-tune of the kept blocks;
+- ``random_blocks_<n>_seed<s>``: ``n`` blocks removed at random (never a whole stage) + the same fine-tune,
+  for every ``n`` a BP row removed, 3 seeds;
+- ``heuristic_last_<n>``: the last blocks of every stage removed + the same fine-tune;
+- ``cp``: channels only (|BN scale|, widths x4) to 20% of the dense MACs + fine-tune;
+- ``bpcp``: channels of the middle BP row's network to the same 20% of the dense MACs + fine-tune.
+
+Commands (every step resumable; rows with a summary.json are skipped, interrupted ones resume):
+
+  python experiments/bp_protocol.py calibrate --workdir runs/bp_protocol   # per-block dL/dg, suggested gammas
+  python experiments/bp_protocol.py run --workdir runs/bp_protocol --gammas 0.01,0.02,0.04
+  python experiments/bp_protocol.py measure --workdir runs/bp_protocol     # b1/b128 latency, interleaved
+  python experiments/bp_protocol.py report --workdir runs/bp_protocol      # CSV, markdown, plots
+
+``run`` ends with ``measure`` and ``report``. Results: experiments/results/bp_protocol/
+(results.csv, results.md, protocol.json with every command, wall time and the machine, plots).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join("experiments", "configs", "bp_protocol.py")
+OUT = os.path.join(REPO, "experiments", "results", "bp_protocol")
+SEEDS = (0, 1, 2)
+MACS_KEPT = 0.2  # BPCP and CP: 20% of the dense MACs (the paper: -80.3%)
+
+
+# -- bookkeeping -------------------------------------------------------------------------------
+
+def _run_dir(workdir, name):
+  return os.path.join(workdir, "runs", name)
+
+
+def _ckpt(workdir, name, stage):
+  return os.path.join(_run_dir(workdir, name), "checkpoints", stage)
+
+
+def _load_log(workdir):
+  path = os.path.join(workdir, "protocol.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  return {"rows": {}}
+
+
+def _save_log(workdir, log):
+  log["machine"] = {"platform": platform.platform(), "processor": _cpu_model(), "cpu_count": os.cpu_count(),
+                    "python": platform.python_version()}
+  with open(os.path.join(workdir, "protocol.json"), "w") as f:
+    json.dump(log, f, indent=2, sort_keys=True)
+
+
+def _cpu_model():
+  sys.path.insert(0, REPO)
+  from bpcp_jax.run.host import cpu_fields
+
+  return cpu_fields().get("model name") or platform.processor()
+
+
+def _summary(workdir, name):
+  path = os.path.join(_run_dir(workdir, name), "summary.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def run_row(workdir, log, name, args, data=None, meta=None):
+  """Run one row through the command line (skipped when finished, resumed when interrupted)."""
+  if _summary(workdir, name) is not None:
+    print(f"[{name}] done already, skipping", flush=True)
+    return _summary(workdir, name)
+  cmd = ["bpcp-jax", args[0], "--config", CONFIG, "--workdir", _run_dir(workdir, name), *args[1:], "--no-progress"]
+  if data:
+    cmd += ["--data", data]
+  if os.path.isdir(os.path.join(_run_dir(workdir, name), "checkpoints")):
+    cmd.append("--resume")
+  print("$ " + " ".join(cmd), flush=True)
+  t0 = time.time()
+  subprocess.run(cmd, check=True, cwd=REPO)
+  row = log["rows"].setdefault(name, {"command": " ".join(c for c in cmd if c != "--resume"), "seconds": 0.0})
+  row["seconds"] += time.time() - t0
+  row.update(meta or {})
+  _save_log(workdir, log)
+  return _summary(workdir, name)
+
+
+# -- calibrate -----------------------------------------------------------------------------------
+
+def calibrate(workdir, data=None, batches=40, batch_size=128):
+  """Each block's benefit b_i = -E[dL/dg_i] under gates sampled at p = 0.5, at the dense weights.
+
+  With the straight-through gradient and the penalty gamma * |g| (whose gradient is gamma only
+  where g = 1), a gate's logit drifts by p(1-p) (gamma p - b_i): it settles near p = b_i / gamma
+  and the block is removed (p < 0.5) when b_i < gamma / 2. The gammas that remove k blocks are
+  therefore about twice the k-th smallest benefits.
+  """
+  sys.path.insert(0, REPO)
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+
+  from bpcp_jax.pruning.block_search import sample_gates
+  from bpcp_jax.run.config import load_config_file
+  from bpcp_jax.run.pipeline import load_data
+  from bpcp_jax.training import data as bdata
+  from bpcp_jax.training.checkpoint import load_stage
+
+  config = load_config_file(os.path.join(REPO, CONFIG))
+  config.data.max_test_per_class = 1
+  train, _ = load_data(config, data, progress=False)
+  network, variables, _ = load_stage(_ckpt(workdir, "dense", "pretrain"))
+  names = network.block_names
+
+  @jax.jit
+  def grads(variables, images, labels, key):
+    x = bdata.normalize(images)
+
+    def loss(g):
+      logits, _ = network.apply(variables, x, train=True, block_gates=g)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    gates = {k: v for k, v in sample_gates(key, {n: jnp.zeros(()) for n in names}).items()}
+    return jax.grad(loss)(gates)
+
+  rng = np.random.default_rng(0)
+  total = {n: [] for n in names}
+  for i in range(batches):
+    idx = rng.choice(len(train.labels), batch_size, replace=False)
+    g = grads(variables, train.images[idx], train.labels[idx], jax.random.PRNGKey(i))
+    for n in names:
+      total[n].append(float(g[n]))
+  benefit = {n: -float(np.mean(v)) for n, v in total.items()}
+  order = sorted(names, key=lambda n: benefit[n])
+  out = {"benefit": benefit, "stderr": {n: float(np.std(total[n]) / np.sqrt(batches)) for n in names},
+         "order": order, "suggested_gamma": {}}
+  for k in (4, 8, 12):
+    lo, hi = benefit[order[k - 1]], benefit[order[k]]
+    out["suggested_gamma"][str(k)] = float(2 * (lo + hi) / 2)
+  print("| block | benefit -E[dL/dg] | stderr |\n|---|---|---|")
+  for n in order:
+    print(f"| {n} | {benefit[n]:.5f} | {out['stderr'][n]:.5f} |")
+  print("suggested gammas (removing 4, 8, 12 blocks):", out["suggested_gamma"])
+  with open(os.path.join(workdir, "calibration.json"), "w") as f:
+    json.dump(out, f, indent=2, sort_keys=True)
+  return out
+
+
+# -- the rows ----------------------------------------------------------------------------------
+
+def _blocks_removed(summary):
+  return len(summary["dense"]["blocks_kept"]) - len(summary["pruned"]["blocks_kept"])
+
+
+def run(workdir, gammas, data=None):
+  log = _load_log(workdir)
+  if gammas:
+    log["gammas"] = gammas
+  gammas = log.get("gammas")
+  if not gammas:
+    raise SystemExit("give --gammas (see `calibrate`); they are remembered in protocol.json")
+  _save_log(workdir, log)
+  dense = _ckpt(workdir, "dense", "pretrain")
+  run_row(workdir, log, "dense", ["train"], data)
+  bp_rows = {}
+  for g in gammas:
+    name = f"bp_gamma{g:g}"
+    bp_rows[name] = run_row(workdir, log, name, ["pipeline", "--from", dense, "--config.stages.run=search,finetune_blocks",
+                                                 f"--config.stages.search.gamma={g}"], data,
+                            {"gamma": g, "method": "bp"})
+  removed = sorted({_blocks_removed(s) for s in bp_rows.values()} - {0})
+  for n in removed:
+    run_row(workdir, log, f"heuristic_last_{n}", [
+        "pipeline", "--from", dense, "--config.stages.run=search,finetune_blocks", "--config.stages.search.method=last",
+        f"--config.stages.search.blocks={n}"], data, {"method": "last", "blocks_removed": n})
+    for s in SEEDS:
+      run_row(workdir, log, f"random_blocks_{n}_seed{s}", [
+          "pipeline", "--from", dense, "--config.stages.run=search,finetune_blocks",
+          "--config.stages.search.method=random", f"--config.stages.search.blocks={n}",
+          f"--config.stages.search.select_seed={s}"], data, {"method": "random", "blocks_removed": n, "seed": s})
+  run_row(workdir, log, "cp", ["pipeline", "--from", dense, "--config.stages.run=prune,finetune_channels",
+                               f"--config.stages.prune.ratio={1 - MACS_KEPT}"], data, {"method": "cp"})
+  # BPCP: the BP row nearest to 8 removed blocks, its channels pruned to the same total MACs as CP
+  mid = min(bp_rows, key=lambda k: (abs(_blocks_removed(bp_rows[k]) - 8), k))
+  s = bp_rows[mid]
+  ratio = 1.0 - MACS_KEPT * s["dense"]["macs"] / s["pruned"]["macs"]
+  run_row(workdir, log, "bpcp", ["pipeline", "--from", _ckpt(workdir, mid, "finetune_blocks"),
+                                 "--config.stages.run=prune,finetune_channels", f"--config.stages.prune.ratio={ratio:.6f}"],
+          data, {"method": "bpcp", "from": mid})
+  measure(workdir)
+  report(workdir)
+
+
+# -- measure and report ------------------------------------------------------------------------
+
+FINAL_STAGES = ("finetune_channels", "finetune_blocks", "pretrain")
+
+
+def _final_checkpoint(workdir, name):
+  for stage in FINAL_STAGES:
+    d = _ckpt(workdir, name, stage)
+    if os.path.isdir(d):
+      return d
+  return None
+
+
+def measure(workdir, repeats=5):
+  """Batch-1 and batch-128 latency of every finished row's network beside the dense one, in
+  interleaved rounds in this one process (medians)."""
+  sys.path.insert(0, REPO)
+  import numpy as np
+
+  from benchmarks.common import interleaved_inference, median
+  from bpcp_jax.training.checkpoint import load_network
+
+  names = [n for n in sorted(os.listdir(os.path.join(workdir, "runs"))) if _summary(workdir, n) is not None]
+  nets = []
+  for n in names:
+    model, variables = load_network(_final_checkpoint(workdir, n))
+    nets.append((n, model, variables))
+  rng = np.random.default_rng(0)
+  x1 = rng.standard_normal((1, 32, 32, 3)).astype(np.float32)
+  x128 = rng.standard_normal((128, 32, 32, 3)).astype(np.float32)
+  lat, thr = interleaved_inference(nets, x1, x128, repeats=repeats, calls=20, large_calls=3)
+  out = {n: {"latency_ms_b1": 1e3 * median(lat[n]), "latency_ms_b1_all": [1e3 * v for v in lat[n]],
+             "images_per_s_b128": median(thr[n]), "images_per_s_b128_all": thr[n]} for n in names}
+  with open(os.path.join(workdir, "latency.json"), "w") as f:
+    json.dump({"repeats": repeats, "networks": out}, f, indent=2, sort_keys=True)
+  return out
+
+
+COLUMNS = ("name", "method", "gamma", "seed", "blocks_removed", "pruned_blocks", "pruned_accuracy", "dense_accuracy",
+           "pruned_params", "pruned_macs", "macs_removed_pct", "params_removed_pct", "speedup_b1", "speedup_b128",
+           "latency_ms_b1", "images_per_s_b128", "wall_s", "removed")
+
+
+def collect(workdir):
+  log = _load_log(workdir)
+  lat_path = os.path.join(workdir, "latency.json")
+  lat = json.load(open(lat_path))["networks"] if os.path.exists(lat_path) else {}
+  dense = _summary(workdir, "dense")
+  rows = []
+  for name in sorted(os.listdir(os.path.join(workdir, "runs"))):
+    s = _summary(workdir, name)
+    if s is None:
+      continue
+    info = log["rows"].get(name, {})
+    kept = s["pruned"]["blocks_kept"]
+    all_blocks = dense["pruned"]["blocks_kept"] if dense else s["dense"]["blocks_kept"]
+    d_macs, d_params = (dense["pruned"]["macs"], dense["pruned"]["params"]) if dense else (None, None)
+    row = {"name": name, "method": info.get("method", "dense"), "gamma": info.get("gamma", ""),
+           "seed": info.get("seed", ""), "blocks_removed": len(all_blocks) - len(kept), "pruned_blocks": len(kept),
+           "pruned_accuracy": s["pruned"]["accuracy"], "dense_accuracy": dense["pruned"]["accuracy"] if dense else "",
+           "pruned_params": s["pruned"]["params"], "pruned_macs": s["pruned"]["macs"],
+           "macs_removed_pct": 100 * (1 - s["pruned"]["macs"] / d_macs) if d_macs else "",
+           "params_removed_pct": 100 * (1 - s["pruned"]["params"] / d_params) if d_params else "",
+           "wall_s": round(info.get("seconds", 0.0), 1),
+           "removed": " ".join(b for b in all_blocks if b not in kept)}
+    if name in lat and "dense" in lat:
+      row["latency_ms_b1"] = lat[name]["latency_ms_b1"]
+      row["images_per_s_b128"] = lat[name]["images_per_s_b128"]
+      row["speedup_b1"] = lat["dense"]["latency_ms_b1"] / lat[name]["latency_ms_b1"]
+      row["speedup_b128"] = lat[name]["images_per_s_b128"] / lat["dense"]["images_per_s_b128"]
+    rows.append(row)
+  return rows
+
+
+def _gate_history(workdir, name):
+  """The keep probabilities during the search (gates.jsonl, every logged step)."""
+  path = os.path.join(_run_dir(workdir, name), "gates.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(x) for x in f if x.strip()]
+
+
+def report(workdir, out=OUT):
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+
+  rows = collect(workdir)
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=COLUMNS)
+    w.writeheader()
+    for r in rows:
+      w.writerow({k: r.get(k, "") for k in COLUMNS})
+
+  def fmt(v, spec):
+    return format(v, spec) if isinstance(v, (int, float)) and v != "" else str(v)
+
+  lines = ["| row | blocks removed | test acc % | params | MACs | MACs cut | speed-up b1 | speed-up b128 | wall |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['name']} | {r['blocks_removed']} | {100 * r['pruned_accuracy']:.2f} | {r['pruned_params']:,} | "
+                 f"{r['pruned_macs'] / 1e6:.1f}M | {fmt(r['macs_removed_pct'], '.1f')}% | "
+                 f"{fmt(r.get('speedup_b1', ''), '.2f')}x | {fmt(r.get('speedup_b128', ''), '.2f')}x | "
+                 f"{r['wall_s'] / 60:.0f} min |")
+  # gate probabilities of every BP search, epoch by epoch
+  gates = []
+  for r in rows:
+    if r["method"] == "bp":
+      hist = _gate_history(workdir, r["name"])
+      if hist:
+        last = hist[-1]["gate_probs"]
+        margins = sorted(abs(p - 0.5) for p in last.values())
+        gates.append(f"- {r['name']}: keep probabilities at the end of the search: "
+                     + ", ".join(f"{k} {v:.3f}" for k, v in sorted(last.items()))
+                     + f"; smallest margin |p - 0.5| = {margins[0]:.3f}")
+  with open(os.path.join(out, "results.md"), "w") as f:
+    f.write("\n".join(lines) + "\n\n" + "\n".join(gates) + "\n")
+  print("\n".join(lines))
+
+  # accuracy vs blocks removed: BP vs random (mean, min-max over seeds) vs heuristic
+  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  for method, style in (("bp", "o-"), ("last", "s--")):
+    pts = sorted((r["blocks_removed"], 100 * r["pruned_accuracy"]) for r in rows if r["method"] == method)
+    if pts:
+      ax.plot(*zip(*pts), style, label={"bp": "BP search", "last": "last blocks of each stage"}[method])
+  rnd = {}
+  for r in rows:
+    if r["method"] == "random":
+      rnd.setdefault(r["blocks_removed"], []).append(100 * r["pruned_accuracy"])
+  if rnd:
+    ns = sorted(rnd)
+    means = np.array([np.mean(rnd[n]) for n in ns])
+    err = np.array([[means[i] - min(rnd[n]), max(rnd[n]) - means[i]] for i, n in enumerate(ns)]).T
+    ax.errorbar(ns, means, yerr=err, fmt="^:", capsize=4, label=f"random blocks (mean, min-max of {len(SEEDS)} seeds)")
+  dense = [r for r in rows if r["name"] == "dense"]
+  if dense:
+    ax.axhline(100 * dense[0]["pruned_accuracy"], color="k", lw=0.8, ls=":", label="dense")
+  ax.set_xlabel("residual blocks removed (of 18)")
+  ax.set_ylabel("test accuracy % (10,000 images)")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, "accuracy_vs_blocks.png"), dpi=110)
+  plt.close(fig)
+
+  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  markers = {"dense": "k*", "bp": "o", "random": "^", "last": "s", "cp": "D", "bpcp": "P"}
+  for method, m in markers.items():
+    pts = [(r["pruned_macs"] / 1e6, 100 * r["pruned_accuracy"]) for r in rows if r["method"] == method]
+    if pts:
+      ax.plot(*zip(*pts), m if len(m) > 1 else m, ls="none", label=method, ms=8 if method in ("cp", "bpcp") else 6)
+  ax.set_xlabel("MACs (M)")
+  ax.set_ylabel("test accuracy %")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, "accuracy_vs_macs.png"), dpi=110)
+  plt.close(fig)
+
+  hists = {r["name"]: _gate_history(workdir, r["name"]) for r in rows if r["method"] == "bp"}
+  hists = {k: v for k, v in hists.items() if v}
+  if hists:
+    fig, axes = plt.subplots(1, len(hists), figsize=(4.2 * len(hists), 3.6), squeeze=False)
+    for ax, (name, hist) in zip(axes[0], sorted(hists.items())):
+      names = sorted(hist[0]["gate_probs"])
+      xs = [h.get("step", i + 1) for i, h in enumerate(hist)]
+      for n in names:
+        ax.plot(xs, [h["gate_probs"][n] for h in hist], marker="o" if len(xs) < 4 else None, lw=1)
+      ax.axhline(0.5, color="k", lw=0.8, ls=":")
+      ax.set_title(name, fontsize=9)
+      ax.set_xlabel("search step")
+      ax.set_ylim(0, 1)
+    axes[0][0].set_ylabel("keep probability")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "gates.png"), dpi=110)
+    plt.close(fig)
+  for name in ("protocol.json", "calibration.json", "latency.json"):
+    path = os.path.join(workdir, name)
+    if os.path.exists(path):
+      with open(path) as f, open(os.path.join(out, name), "w") as g:
+        g.write(f.read())
+  return rows
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("command", choices=("calibrate", "run", "measure", "report"))
+  ap.add_argument("--workdir", default="runs/bp_protocol")
+  ap.add_argument("--data", default=None)
+  ap.add_argument("--gammas", default="", help="comma-separated search gammas (remembered in protocol.json)")
+  ap.add_argument("--out", default=OUT)
+  a = ap.parse_args()
+  os.makedirs(a.workdir, exist_ok=True)
+  if a.command == "calibrate":
+    calibrate(a.workdir, a.data)
+  elif a.command == "run":
+    run(a.workdir, [float(g) for g in a.gammas.split(",") if g.strip()], a.data)
+  elif a.command == "measure":
+    measure(a.workdir)
+  else:
+    report(a.workdir, a.out)
+
+
+if __name__ == "__main__":
+  main()
