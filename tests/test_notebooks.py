@@ -36,7 +36,7 @@ def _text(nb):
   return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
 
 
-@pytest.mark.parametrize("name", ["quickstart.ipynb", "ablation.ipynb"])
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "ablation.ipynb", "prune_your_model.ipynb"])
 def test_notebooks_are_stored_without_outputs(name):
   nb = nbformat.read(os.path.join(NB_DIR, name), as_version=4)
   nbformat.validate(nb)
@@ -79,3 +79,18 @@ def test_ablation_draws_the_sweep_plots(tmp_path):
   text = _text(nb)
   assert "3 runs in" in text and "gamma=0.05,ratio=0.4: 91.50% at 20.00M MACs" in text, text
   assert any("1 failed" in md for md in _outputs(nb, "text/markdown"))
+
+
+def test_prune_your_model_runs_on_a_user_network(tmp_path, cifar_archive):
+  workdir = str(tmp_path / "mine")
+  nb = _execute("prune_your_model.ipynb", {
+      "CONFIG": TINY, "WORKDIR": workdir, "DATA_SOURCE": "folder", "DATA_PATH": cifar_archive, "INSTALL": False,
+      "TRAIN_STEPS": 3, "TRAIN_IMAGES_PER_CLASS": 8, "OVERRIDES": [f"data.cache_dir={tmp_path / 'cache'}"]},
+      timeout=400)
+  with open(os.path.join(workdir, "run", "summary.json")) as f:
+    summary = json.load(f)
+  assert summary["model"].endswith("my_model.py:make_model") and summary["data"]["test_images"] == 100
+  assert summary["pruned"]["network"]["kind"] == "flax" and summary["pruned"]["params"] < summary["dense"]["params"]
+  assert any("| dense |" in md and "| pruned |" in md for md in _outputs(nb, "text/markdown"))
+  text = _text(nb)
+  assert "residual blocks" in text and "predictions:" in text, text

@@ -329,6 +329,11 @@ def run_pipeline(config, workdir: str, *, resume: bool = False, data_path: Optio
       if current.gates:  # pruning channels of a searched network: decide its blocks first
         current = materialize_blocks(config, current)
       current = run_prune_stage(ctx, current)
+    elif stage == "search" and not current.network.block_names:
+      if jax.process_index() == 0:
+        tqdm.write(f"[search] skipped: {current.network.label} has no residual blocks to search "
+                   "(blocks are adds x + f(x) or shortcut(x) + f(x))")
+      continue
     elif stage == "search" and config.stages.search.method != "bp":
       current = select_block_stage(ctx, current)
     else:

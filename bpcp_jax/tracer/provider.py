@@ -162,7 +162,7 @@ class FlaxNetwork(PrunableNetwork):
                          "(only params and batch_stats)")
       modes = {"eval": mode_kwargs(self.module, False),
                "train": {**mode_kwargs(self.module, True), "mutable": ["batch_stats"] if "batch_stats" in shapes
-                         else False}}
+                         else False, "rngs": {"dropout": jax.random.key(0)}}}
       self._traced = trace_network(self.module, shapes, self.example(), modes=modes)
     return self._traced
 
