@@ -86,7 +86,8 @@ def run_row(workdir, log, name, args, data=None, meta=None):
   if _summary(workdir, name) is not None:
     print(f"[{name}] done already, skipping", flush=True)
     return _summary(workdir, name)
-  cmd = ["bpcp-jax", args[0], "--config", CONFIG, "--workdir", _run_dir(workdir, name), *args[1:], "--no-progress"]
+  cmd = ["bpcp-jax", args[0], "--config", log.get("config", CONFIG), "--workdir", _run_dir(workdir, name), *args[1:],
+         *[f"--config.{s}" for s in log.get("set", [])], "--no-progress"]
   if data:
     cmd += ["--data", data]
   if os.path.isdir(os.path.join(_run_dir(workdir, name), "checkpoints")):
@@ -123,7 +124,10 @@ def calibrate(workdir, data=None, batches=40, batch_size=128):
   from bpcp_jax.training import data as bdata
   from bpcp_jax.training.checkpoint import load_stage
 
-  config = load_config_file(os.path.join(REPO, CONFIG))
+  from bpcp_jax.run.config import apply_overrides
+
+  log = _load_log(workdir)
+  config = apply_overrides(load_config_file(os.path.join(REPO, log.get("config", CONFIG))), log.get("set", []))
   config.data.max_test_per_class = 1
   train, _ = load_data(config, data, progress=False)
   network, variables, _ = load_stage(_ckpt(workdir, "dense", "pretrain"))
@@ -169,10 +173,14 @@ def _blocks_removed(summary):
   return len(summary["dense"]["blocks_kept"]) - len(summary["pruned"]["blocks_kept"])
 
 
-def run(workdir, gammas, data=None):
+def run(workdir, gammas, data=None, config=None, sets=(), out=OUT):
   log = _load_log(workdir)
   if gammas:
     log["gammas"] = gammas
+  if config:
+    log["config"] = config
+  if sets:
+    log["set"] = list(sets)
   gammas = log.get("gammas")
   if not gammas:
     raise SystemExit("give --gammas (see `calibrate`); they are remembered in protocol.json")
@@ -185,7 +193,10 @@ def run(workdir, gammas, data=None):
     bp_rows[name] = run_row(workdir, log, name, ["pipeline", "--from", dense, "--config.stages.run=search,finetune_blocks",
                                                  f"--config.stages.search.gamma={g}"], data,
                             {"gamma": g, "method": "bp"})
-  removed = sorted({_blocks_removed(s) for s in bp_rows.values()} - {0})
+  # the controls never empty a stage: at most (blocks - stages) can go
+  stages = len({b.split("_")[0] for b in next(iter(bp_rows.values()))["dense"]["blocks_kept"]})
+  most = len(next(iter(bp_rows.values()))["dense"]["blocks_kept"]) - stages
+  removed = sorted({min(_blocks_removed(s), most) for s in bp_rows.values()} - {0})
   for n in removed:
     run_row(workdir, log, f"heuristic_last_{n}", [
         "pipeline", "--from", dense, "--config.stages.run=search,finetune_blocks", "--config.stages.search.method=last",
@@ -205,7 +216,7 @@ def run(workdir, gammas, data=None):
                                  "--config.stages.run=prune,finetune_channels", f"--config.stages.prune.ratio={ratio:.6f}"],
           data, {"method": "bpcp", "from": mid})
   measure(workdir)
-  report(workdir)
+  report(workdir, out)
 
 
 # -- measure and report ------------------------------------------------------------------------
@@ -401,12 +412,14 @@ def main():
   ap.add_argument("--data", default=None)
   ap.add_argument("--gammas", default="", help="comma-separated search gammas (remembered in protocol.json)")
   ap.add_argument("--out", default=OUT)
+  ap.add_argument("--config", default=None, help=f"another base config than {CONFIG} (a dry run)")
+  ap.add_argument("--set", action="append", default=[], help="KEY=VALUE override for every row (a dry run)")
   a = ap.parse_args()
   os.makedirs(a.workdir, exist_ok=True)
   if a.command == "calibrate":
     calibrate(a.workdir, a.data)
   elif a.command == "run":
-    run(a.workdir, [float(g) for g in a.gammas.split(",") if g.strip()], a.data)
+    run(a.workdir, [float(g) for g in a.gammas.split(",") if g.strip()], a.data, a.config, a.set, a.out)
   elif a.command == "measure":
     measure(a.workdir)
   else:

@@ -30,7 +30,7 @@ def test_importance_reads_bn_scales_through_the_coupling(mobilenet):
   dw2 = np.abs(np.asarray(variables["params"]["dw2_bn"]["scale"])).reshape(16, 2)
   np.testing.assert_allclose(scores["pw1"], np.maximum(pw1, dw2.max(1)), rtol=1e-6)
   assert set(scores) == set(net.groups)
-  with pytest.raises(ValueError, match="unknown criterion 'l7'"):
+  with pytest.raises(ValueError, match="unknown channel criterion 'l7'"):
     traced_importance(net, variables, "l7")
 
 

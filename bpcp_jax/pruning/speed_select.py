@@ -83,7 +83,7 @@ def traced_importance(net: TracedNetwork, variables, criterion: str = "bn_scale"
       code = _leaf_codes(net, program, coupling, path, axis)
       sel = (code >= off) & (code < off + g.width)
       row = np.full(g.width, np.nan)
-      row[code[sel] - off] = values[sel]
+      np.fmax.at(row, code[sel] - off, values[sel])  # positions of one channel (a depthwise multiplier): max
       rows.append(row)
 
     if criterion == "bn_scale":

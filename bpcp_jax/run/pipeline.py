@@ -310,7 +310,7 @@ def run_pipeline(config, workdir: str, *, resume: bool = False, data_path: Optio
   stages = stage_list(config)
   if config.init_from and "pretrain" in stages and not input_dir:
     stages.remove("pretrain")  # the given weights are the trained dense network
-    if progress and jax.process_index() == 0:
+    if jax.process_index() == 0:
       tqdm.write(f"[pretrain] skipped: starting from the trained weights in {config.init_from}")
   os.makedirs(workdir, exist_ok=True)
   if not os.access(workdir, os.W_OK):

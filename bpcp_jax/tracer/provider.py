@@ -119,6 +119,11 @@ class FlaxNetwork(PrunableNetwork):
 
   @classmethod
   def from_factory(cls, ref: str, num_classes: int, input_shape, kwargs: Optional[Mapping] = None) -> "FlaxNetwork":
+    """The network ``factory(num_classes=...)`` returns. A file reference is kept as an absolute path,
+    so a checkpoint rebuilds it from any working directory."""
+    where, _, name = ref.rpartition(":")
+    if where and (where.endswith(".py") or os.sep in where):
+      ref = f"{os.path.abspath(where)}:{name}"
     module = call_factory(ref, num_classes, kwargs)
     return cls(module, tuple(input_shape), {"factory": ref, "kwargs": dict(kwargs or {}), "num_classes": num_classes},
                label=ref)
