@@ -87,7 +87,7 @@ def make_runner(mode: str, wrapper: str, model_name: str, batch: int, dtype: str
 
 
 def measure(configs, steps_per_round: int, repeats: int, *, threads: int = 1, deadline: float | None = None,
-            on_built=None) -> dict:
+            on_built=None, on_round=None) -> dict:
   """Time the train step of every config ``(mode, wrapper, model_name, batch, dtype)``, rounds interleaved.
 
   The runners are built (and their steps compiled) by ``threads`` threads; with a ``deadline``
@@ -95,7 +95,7 @@ def measure(configs, steps_per_round: int, repeats: int, *, threads: int = 1, de
   deadline after the first. Returns ``{config: {"images_per_s", "step_s", "first_call_s",
   "compile_s", "step_times_s"}}`` for the configs measured (``compile_s``: first call minus a
   steady step; with several threads the compilations overlap, so each took longer than alone).
-  ``on_built(config)`` is called as each runner is ready."""
+  ``on_built(config)`` is called as each runner is ready, ``on_round(results so far)`` after each round."""
   import concurrent.futures
   import time
 
@@ -114,18 +114,23 @@ def measure(configs, steps_per_round: int, repeats: int, *, threads: int = 1, de
     built = {cfg: build_one(cfg) for cfg in configs}
   runners = {cfg: b for cfg, b in built.items() if b is not None}
   times = {cfg: [] for cfg in runners}
+
+  def results():
+    out = {}
+    for cfg, ts in times.items():
+      step, first = common.median(ts), runners[cfg][1]
+      out[cfg] = {"images_per_s": cfg[3] / step, "step_s": step, "first_call_s": first,
+                  "compile_s": max(first - step, 0.0), "step_times_s": list(ts)}
+    return out
+
   for r in range(repeats):
     if r and deadline is not None and time.time() > deadline:
       break
     for cfg, (run, _) in runners.items():
       times[cfg].append(sum(common.timed(run) for _ in range(steps_per_round)) / steps_per_round)
-  out = {}
-  for cfg, ts in times.items():
-    step = common.median(ts)
-    first = runners[cfg][1]
-    out[cfg] = {"images_per_s": cfg[3] / step, "step_s": step, "first_call_s": first,
-                "compile_s": max(first - step, 0.0), "step_times_s": ts}
-  return out
+    if on_round:
+      on_round(results())
+  return results()
 
 
 def _child(mode: str, model_name: str, batch: int, steps_: int, repeats: int, allocator=None) -> dict:

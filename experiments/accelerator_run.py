@@ -112,12 +112,12 @@ class Settings:
 
 FULL = Settings(model="resnet_v2_56", train_batches=(128, 1024), dtypes=("float32", "bfloat16"), steps=10, repeats=3,
                 inference_model="resnet_v2_56", inference_batches=(128, 1024), calls=50, large_calls=5,
-                recipe_model="resnet_v2_56", batch_size=128, eval_batch_size=500, max_train_per_class=0,
+                recipe_model="resnet_v2_56", batch_size=128, eval_batch_size=1000, max_train_per_class=0,
                 max_test_per_class=0, max_epochs=160, profile_batches="1,128", budget_s=540.0, bench_fraction=0.35,
                 quick=False)
 QUICK = Settings(model="resnet_v1_8", train_batches=(8,), dtypes=("float32",), steps=1, repeats=1,
                  inference_model="resnet_v1_14", inference_batches=(8,), calls=3, large_calls=1,
-                 recipe_model="resnet_v1_8", batch_size=16, eval_batch_size=50, max_train_per_class=8,
+                 recipe_model="resnet_v1_8", batch_size=16, eval_batch_size=40, max_train_per_class=8,
                  max_test_per_class=5, max_epochs=1, profile_batches="1", budget_s=240.0, bench_fraction=0.5,
                  quick=True)
 
@@ -230,7 +230,7 @@ class StagePlanner:
       ratio = {("dense", "search"): self.search_ratio, ("search", "dense"): 1.0 / self.search_ratio}.get(
           (_mode(stage), _mode(later)), 1.0)
       self.epoch_s[later] = self._epoch(steady * ratio)
-      self.overhead_s[later] = max(self.overhead_s[later], overhead)
+      self.overhead_s[later] = overhead  # measured here (the prior came from compilations running side by side)
 
 
 def _mode(stage: str) -> str:
@@ -308,7 +308,7 @@ def _phase_cmd(phase: str, args, deadline: float) -> list[str]:
     cmd += ["--data", args.data]
   if args.compile_threads:
     cmd += ["--compile-threads", str(args.compile_threads)]
-  return cmd
+  return cmd + list(args.config_overrides)
 
 
 def supervisor(args, settings: Settings) -> dict:
@@ -357,10 +357,22 @@ def supervisor(args, settings: Settings) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
+def _json_safe(obj):
+  """Strict JSON: non-finite numbers become null (an unknown estimate is infinite), numpy scalars floats."""
+  if isinstance(obj, dict):
+    return {str(k): _json_safe(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_json_safe(v) for v in obj]
+  if isinstance(obj, (bool, int, str)) or obj is None:
+    return obj
+  value = float(obj)
+  return value if math.isfinite(value) else None
+
+
 def _write_json(path: str, obj) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=float)
+    json.dump(_json_safe(obj), f, indent=2, sort_keys=True, allow_nan=False)
   os.replace(tmp, path)
 
 
@@ -395,11 +407,17 @@ def bench_phase(args, settings: Settings) -> None:
     threads = _threads(args, len(configs))
     train_deadline = start + 0.6 * (args._deadline - start)
     print(f"train steps: {len(configs)} configurations, {threads} compiling at a time", flush=True)
+
+    def keep(measured):  # after every timed round: an interrupt loses at most the round under way
+      record["train_step"] = [{"mode": m, "model": model, "batch": b, "dtype": dt, **r}
+                              for (m, _, model, b, dt), r in measured.items()]
+      _write_json(path, record)
+
     measured = train_throughput.measure(
-        configs, settings.steps, settings.repeats, threads=threads, deadline=train_deadline,
+        configs, settings.steps, settings.repeats, threads=threads, deadline=train_deadline, on_round=keep,
         on_built=lambda c: print(f"  compiled {c[0]} batch {c[3]} {c[4]} at {time.time() - start:.1f} s", flush=True))
+    keep(measured)
     for (m, _, model, b, dt), r in measured.items():
-      record["train_step"].append({"mode": m, "model": model, "batch": b, "dtype": dt, **r})
       print(f"  {m:6s} batch {b:5d} {dt:8s}: {r['images_per_s']:10.0f} images/s, {1e3 * r['step_s']:8.2f} ms/step, "
             f"first call {r['first_call_s']:.1f} s", flush=True)
     record["timings"]["train_step_s"] = time.time() - start
@@ -432,10 +450,10 @@ def recipe_config(args, settings: Settings):
                f"data.max_test_per_class={settings.max_test_per_class}", "optim.schedule=cosine",
                "stages.finetune_blocks.lr=0.02", "stages.finetune_channels.lr=0.02", "eval_every_epochs=1",
                "log_every_steps=50", "checkpoint.keep=1", f"profile.batch_sizes={settings.profile_batches}",
-               f"profile.repeats={5 if settings.quick else 20}", f"dtype={args.dtype}"]
+               f"profile.repeats={5 if settings.quick else 20}"]
   if args.data:
     overrides.append(f"data.path={args.data}")
-  return apply_overrides(load_config_file(CONFIG), overrides)
+  return apply_overrides(load_config_file(CONFIG), overrides + list(args.config_overrides))
 
 
 def _bench_step_times(workdir: str, batch: int, dtype: str) -> tuple[dict[str, float], float]:
@@ -488,8 +506,9 @@ def recipe_phase(args, settings: Settings) -> None:
       record["status"] = "complete"
       record["summary"] = summary
     except KeyboardInterrupt:
-      record["status"] = (f"stopped at the time budget during {planner.current}"
-                          f"{' or the summary after it' if planner.current == planner.stages[-1] else ''}")
+      record["status"] = ("stopped at the time budget " + (
+          "before the first stage" if planner.current is None else f"during {planner.current}"
+          + (" or the summary after it" if planner.current == planner.stages[-1] else "")))
     planner.finish()
     record.update({"plan": planner.history, "stage_wall_s": planner.wall_s, "seconds": time.time() - go,
                    "config": config.to_dict()})
@@ -628,9 +647,11 @@ def results_markdown(record: dict, metrics: list[dict]) -> str:
            f"{t['total_s']:.0f} s (" + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in t.items()
                                                  if k != "total_s" and isinstance(v, float)) + ").\n",
            f"`{record['command']}`\n"]
-  for name, p in record["phases"].items():
-    if p["interrupted"] or p["killed"] or p["returncode"]:
-      parts.append(f"- {name} phase: {'killed' if p['killed'] else 'interrupted at its deadline' if p['interrupted'] else 'exit ' + str(p['returncode'])}\n")
+  late = [f"- {name} phase: " + ("killed" if p["killed"] else "interrupted at its deadline" if p["interrupted"]
+                                  else f"exit status {p['returncode']} (see log.txt)")
+          for name, p in record["phases"].items() if p["interrupted"] or p["killed"] or p["returncode"]]
+  if late:
+    parts.append("\n".join(late) + "\n")
   train = [r for r in rows if r["table"] == "train_step"]
   parts.append("\n## Train steps (pmap, images/s; first call = compilation, several at a time)\n")
   parts.append(markdown(train, [("step", "name"), ("batch", "batch"), ("dtype", "dtype"), ("images/s", "images_per_s"),
@@ -727,7 +748,8 @@ def write_plots(path: str, rows: list[dict], metrics: list[dict]) -> bool:
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              epilog="--config.KEY=VALUE overrides the recipe's config (e.g. --config.batch_size=256)")
   p.add_argument("--out", default=None, help="where the results go (default: $OUT, else ./accelerator_run)")
   p.add_argument("--data", default=None,
                  help="CIFAR-10 archive (default: .data/cifar10-jpeg.tar.gz in the repository if present, else "
@@ -735,13 +757,16 @@ def parse_args(argv=None):
   p.add_argument("--budget", type=float, default=None, help="wall-time budget in seconds (default 540; --quick 240)")
   p.add_argument("--quick", action="store_true", help="tiny networks and data on CPU: a smoke run for CI")
   p.add_argument("--parts", default="bench,recipe", help="bench (throughput and inference) and/or recipe")
-  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the recipe's compute dtype")
   p.add_argument("--stage-weights", default=DEFAULT_WEIGHTS, help="how the recipe's time is shared by its stages")
   p.add_argument("--compile-threads", type=int, default=0, help="parallel compilations (default: half the cores)")
   p.add_argument("--workdir", default=None, help="checkpoints and intermediate files (default: a temporary folder)")
   p.add_argument("--_phase", default=None, help=argparse.SUPPRESS)
   p.add_argument("--_deadline", type=float, default=None, help=argparse.SUPPRESS)
-  args = p.parse_args(argv)
+  args, rest = p.parse_known_args(argv)
+  bad = [a for a in rest if not a.startswith("--config.")]
+  if bad:
+    p.error(f"unrecognized arguments: {' '.join(bad)}")
+  args.config_overrides = rest
   settings = QUICK if args.quick else FULL
   args.parts = [s for s in args.parts.split(",") if s]
   bad = [s for s in args.parts if s not in ("bench", "recipe")]

@@ -44,9 +44,9 @@ def test_quick_run_writes_every_table_within_its_budget(tmp_path, cifar_archive)
   budget = acc.QUICK.budget_s
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
   start = time.time()
-  proc = subprocess.run([sys.executable, SCRIPT, "--quick", "--data", cifar_archive, "--out", str(out),
-                         "--workdir", str(work)], cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=budget + 60)
+  cmd = [sys.executable, SCRIPT, "--quick", "--data", cifar_archive, "--out", str(out), "--workdir", str(work),
+         "--compile-threads", "2"]  # 2: the threaded compilations run too
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=budget + 60)
   wall = time.time() - start
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert wall <= budget + 5, wall  # the supervisor ends every phase in time (5 s: the interpreter's start)
@@ -141,7 +141,7 @@ def test_planner_sets_epochs_and_learns_from_the_stage_before(tmp_path):
   assert planner.epoch_s["search"] == pytest.approx(planner._epoch(6.0))  # 3 s x the search / dense ratio
   assert planner.epoch_s["finetune_blocks"] == pytest.approx(planner._epoch(3.0))
   overhead = 100.0 - first * planner._epoch(3.0)
-  assert planner.overhead_s["finetune_blocks"] == pytest.approx(max(17.0, overhead))
+  assert planner.overhead_s["finetune_blocks"] == pytest.approx(overhead)  # measured, no longer the prior
   assert config.stages["search"].epochs == acc.plan_epochs(
       "search", ["search", "finetune_blocks", "finetune_channels"], 1600.0 - 1100.0 - 20.0,
       planner.epoch_s, planner.overhead_s, planner.weights, 100)
