@@ -403,7 +403,7 @@ def bench_phase(args, settings: Settings) -> None:
   start = time.time()
   try:
     configs = [(m, "pmap", settings.model, b, dt) for b in settings.train_batches for dt in settings.dtypes
-               for m in MODES]  # the recipe's batch and dtype first: its plan needs them
+               for m in MODES]  # the first batch in float32 first: the recipe's plan needs its step times
     threads = _threads(args, len(configs))
     train_deadline = start + 0.6 * (args._deadline - start)
     print(f"train steps: {len(configs)} configurations, {threads} compiling at a time", flush=True)
@@ -424,7 +424,7 @@ def bench_phase(args, settings: Settings) -> None:
     _write_json(path, record)
 
     t = time.time()
-    nets = 5 if not settings.quick else 3
+    nets = 4 if settings.quick else 6  # dense, the compressions, dense with its weights as arguments
     print(f"inference: {settings.inference_model}, batch 1 and {settings.inference_batches}", flush=True)
     record["inference"] = inference_speedup.measure(
         settings.inference_model, list(settings.inference_batches), calls=settings.calls,
@@ -459,8 +459,7 @@ def recipe_config(args, settings: Settings):
 def _bench_step_times(workdir: str, batch: int, dtype: str) -> tuple[dict[str, float], float]:
   """Step seconds of the dense and search train steps at the recipe's batch and dtype, and the dense step's
   compile time, from the throughput phase (scaled from the nearest batch measured); ``({}, 0)`` if none."""
-  path = os.path.join(workdir, "bench.json")
-  rows = json.load(open(path))["train_step"] if os.path.exists(path) else []
+  rows = (_load(os.path.join(workdir, "bench.json")) or {}).get("train_step", [])
   out, compile_s = {}, 0.0
   for mode in ("dense", "search"):
     cands = [r for r in rows if r["mode"] == mode and r["dtype"] == dtype] or [r for r in rows if r["mode"] == mode]
@@ -524,7 +523,10 @@ def recipe_phase(args, settings: Settings) -> None:
 
 
 def _load(path: str):
-  return json.load(open(path)) if os.path.exists(path) else None
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
 
 
 def recipe_rows(recipe: Optional[dict], metrics: list[dict]) -> list[dict]:

@@ -166,3 +166,21 @@ def test_supervisor_interrupts_then_kills_a_late_phase(tmp_path, ignores_interru
   assert status["interrupted"] and status["killed"] == ignores_interrupt
   assert status["ended"] - start < (3.5 if ignores_interrupt else 1.5)
   assert ("writing what it has" in (tmp_path / "log.txt").read_text()) != ignores_interrupt
+
+
+def test_without_matplotlib_the_reports_skip_their_plots(tmp_path, monkeypatch):
+  """The lent machine may lack matplotlib: the pipeline's report and this script's results say so instead."""
+  from bpcp_jax.run import report
+
+  monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+  assert not acc.write_plots(str(tmp_path / "plots.png"), [], [])
+  assert not (tmp_path / "plots.png").exists()
+  net = {"accuracy": 0.5, "params": 10, "macs": 100, "blocks_kept": ["stage0_block0"], "latency_ms_b1": 1.0,
+         "channels_per_group": {"stem": 16}}
+  summary = {"model": "resnet_v1_8", "dense": net, "pruned": {**net, "macs": 50}, "reduction": {"macs_removed_pct": 50.0}}
+  (tmp_path / "summary.json").write_text(json.dumps(summary))
+  (tmp_path / "metrics.jsonl").write_text(json.dumps({"stage": "pretrain", "epoch": 1, "train_accuracy": 0.4}) + "\n")
+  with open(report.write_report(str(tmp_path))) as f:
+    text = f.read()
+  assert "| dense | 50.00 |" in text and "Plots skipped: matplotlib is not installed." in text
+  assert not list(tmp_path.glob("*.png"))
