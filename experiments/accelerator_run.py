@@ -446,7 +446,8 @@ def recipe_config(args, settings: Settings):
   from bpcp_jax.run.config import apply_overrides, load_config_file
 
   overrides = [f"model={settings.recipe_model}", f"batch_size={settings.batch_size}",
-               f"eval_batch_size={settings.eval_batch_size}", f"data.max_train_per_class={settings.max_train_per_class}",
+               f"eval_batch_size={settings.eval_batch_size}",
+               f"data.max_train_per_class={settings.max_train_per_class}",
                f"data.max_test_per_class={settings.max_test_per_class}", "optim.schedule=cosine",
                "stages.finetune_blocks.lr=0.02", "stages.finetune_channels.lr=0.02", "eval_every_epochs=1",
                "log_every_steps=50", "checkpoint.keep=1", f"profile.batch_sizes={settings.profile_batches}",
@@ -561,7 +562,8 @@ def recipe_rows(recipe: Optional[dict], metrics: list[dict]) -> list[dict]:
       dense_ms = summary["dense"][key]
       rows.append({"table": "final", "name": name, "batch": b, "ms": e[key], "images_per_s": e[f"images_per_s_b{b}"],
                    "speedup": dense_ms / e[key], "macs_ratio": summary["dense"]["macs"] / e["macs"],
-                   "accuracy": e["accuracy"], "params": e["params"], "macs": e["macs"], "blocks": len(e["blocks_kept"])})
+                   "accuracy": e["accuracy"], "params": e["params"], "macs": e["macs"],
+                   "blocks": len(e["blocks_kept"])})
   return rows
 
 
