@@ -147,12 +147,25 @@ def interleaved_inference(nets: Sequence[tuple], x_small, x_large, repeats: int,
   deployed form, ``bp.make_predictor``) or ``"argument"`` (``jax.jit(model.apply)`` with the
   variables on the device). Per round and network: the median seconds of ``calls`` calls on
   ``x_small`` and the images/s of ``large_calls`` calls on ``x_large``."""
+  lat, thr = interleaved_inference_batches(nets, x_small, [x_large], repeats, calls, large_calls)
+  return lat, thr[x_large.shape[0]]
+
+
+def interleaved_inference_batches(nets: Sequence[tuple], x_small, xs_large: Sequence, repeats: int, calls: int,
+                                  large_calls: int, threads: int = 1
+                                  ) -> tuple[dict[str, list[float]], dict[int, dict[str, list[float]]]]:
+  """``interleaved_inference`` at several large batches: ``(latency rounds, {batch: images/s rounds})``.
+
+  Every network is compiled for ``x_small`` and each of ``xs_large`` before any timing, by
+  ``threads`` threads (compilations of different networks overlap; the timing itself is serial)."""
+  import concurrent.futures
+
   import jax
 
   import bpcp_jax as bp
 
-  fns = []
-  for name, model, variables, *weights in nets:
+  def prepare(net):
+    name, model, variables, *weights = net
     if (weights or ["constant"])[0] == "constant":
       predict = bp.make_predictor(model, variables)
       call = lambda x, p=predict: p(x)  # noqa: E731
@@ -160,15 +173,23 @@ def interleaved_inference(nets: Sequence[tuple], x_small, x_large, repeats: int,
       apply = jax.jit(lambda v, x, m=model: m.apply(v, x, train=False))
       on_device = jax.device_put(variables)  # as a trained model holds them: no copy per call
       call = lambda x, a=apply, v=on_device: a(v, x)  # noqa: E731
-    block(call(x_small))  # compile both shapes before timing
-    block(call(x_large))
-    fns.append((name, call))
+    for x in (x_small, *xs_large):  # compile every shape before timing
+      block(call(x))
+    return name, call
+
+  if threads > 1:
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+      fns = list(pool.map(prepare, nets))
+  else:
+    fns = [prepare(net) for net in nets]
   lat = {name: [] for name, _ in fns}
-  thr = {name: [] for name, _ in fns}
+  thr = {int(x.shape[0]): {name: [] for name, _ in fns} for x in xs_large}
   for _ in range(repeats):
     for name, call in fns:
       lat[name].append(median([timed(lambda: call(x_small)) for _ in range(calls)]))
-      thr[name].append(large_calls * x_large.shape[0] / sum(timed(lambda: call(x_large)) for _ in range(large_calls)))
+      for x in xs_large:
+        thr[int(x.shape[0])][name].append(large_calls * x.shape[0] / sum(timed(lambda: call(x))
+                                                                          for _ in range(large_calls)))
   return lat, thr
 
 

@@ -48,8 +48,9 @@ def remove_blocks(model, n_remove: int) -> dict:
   return masks
 
 
-def compressions(model, variables, quick: bool):
-  """(name, masks) pairs: blocks only, channels only, blocks + channels at and past the paper."""
+def compressions(model, variables, quick: bool, speed_aware: bool = True):
+  """(name, masks) pairs: blocks only, channels only, blocks + channels at and past the paper, and (with
+  ``speed_aware``) the paper's MACs budget chosen by speed-aware selection."""
   n_blocks = model.spec.num_blocks
   n_rm = max(1, round(n_blocks * 10 / 18))  # 10 of ResNet-v2-56's 18 blocks
   dense_macs = bp.count_params_macs(model)["macs"]
@@ -65,6 +66,8 @@ def compressions(model, variables, quick: bool):
     ratio = 1.0 - (1.0 - total_cut) / left
     m, _ = prune_channels(model, variables, ratio, "l1", masks=blocks, target="macs", round_to=8)
     out.append((f"{n_rm} blocks + channels (x8), -{100 * total_cut:.0f}% MACs", m))
+  if not speed_aware:
+    return out
   # the same budget chosen by speed-aware selection: blocks and channels by l1 per batch-1 ms saved
   from bpcp_jax.pruning.speed_select import select_resnet
 
@@ -72,6 +75,61 @@ def compressions(model, variables, quick: bool):
                           macs_fraction=1.0 - PAPER_MACS_CUT, progress=False)
   out.append((f"speed-aware selection (batch-1 ms, x8), <= -{100 * PAPER_MACS_CUT:.0f}% MACs", m))
   return out
+
+
+def measure(model_name: str, large_batches, *, calls: int, large_calls: int, repeats: int, quick: bool = False,
+            speed_aware: bool = True, threads: int = 1) -> dict:
+  """Build the compressions of ``model_name`` (random weights), materialize them, and time every network
+  at batch 1 and at each of ``large_batches`` (``threads`` compile in parallel). The results dict:
+  ``networks`` (one record per network: counts, batch-1 latency and speed-up, and per large batch B
+  ``batch{B}_images_per_s`` / ``batch{B}_speedup``; ``large_batch_*`` is the first large batch), the
+  dense network's figures, and the dense network with its weights passed as arguments."""
+  model = bp.create_model(model_name)
+  key = jax.random.PRNGKey(0)
+  variables = common.fast_init(model)  # random kernels: l1 scores differ between channels
+  nets = [("dense", model, variables, None)]
+  for name, masks in compressions(model, variables, quick, speed_aware):
+    small, small_vars = bp.materialize(model, variables, masks)
+    nets.append((name, small, small_vars, masks))
+
+  x1 = jax.random.normal(key, (1, 32, 32, 3))
+  xs = [jax.random.normal(key, (b, 32, 32, 3)) for b in large_batches]
+  timed_nets = [(name, net, v) for name, net, v, _ in nets] + [("dense, weights as arguments", model, variables,
+                                                                  "argument")]
+  lat, thr = common.interleaved_inference_batches(timed_nets, x1, xs, repeats, calls, large_calls, threads=threads)
+
+  dense_counts = bp.count_params_macs(model)
+  dense_macs, dense_params = dense_counts["macs"], dense_counts["params"]
+  base_lat = common.median(lat["dense"])
+  base_thr = {b: common.median(thr[b]["dense"]) for b in large_batches}
+  first = large_batches[0]
+  nets_out = []
+  for name, net, v, _ in nets:
+    c = bp.count_params_macs(net)
+    macs_ratio = dense_macs / c["macs"]
+    l1 = common.median(lat[name])
+    s1 = base_lat / l1
+    rec = {"name": name, "blocks": net.spec.num_blocks, "params": c["params"], "macs": c["macs"],
+           "params_cut": 1 - c["params"] / dense_params, "macs_cut": 1 - c["macs"] / dense_macs,
+           "macs_ratio": macs_ratio, "batch1_latency_ms": 1000 * l1, "batch1_speedup": s1,
+           "batch1_speedup_over_macs_ratio": s1 / macs_ratio, "batch1_latency_ms_rounds": [1000 * t for t in lat[name]]}
+    for b in large_batches:
+      tb = common.median(thr[b][name])
+      rec[f"batch{b}_images_per_s"] = tb
+      rec[f"batch{b}_speedup"] = tb / base_thr[b]
+      rec[f"batch{b}_images_per_s_rounds"] = thr[b][name]
+    rec.update({"large_batch_images_per_s": rec[f"batch{first}_images_per_s"],
+                "large_batch_speedup": rec[f"batch{first}_speedup"],
+                "large_batch_speedup_over_macs_ratio": rec[f"batch{first}_speedup"] / macs_ratio,
+                "large_batch_images_per_s_rounds": thr[first][name]})
+    nets_out.append(rec)
+  return {"model": model_name, "large_batch": first, "large_batches": list(large_batches), "repeats": repeats,
+          "calls": calls, "large_calls": large_calls, "networks": nets_out,
+          "dense_batch1_latency_ms": 1000 * base_lat, "dense_large_batch_images_per_s": base_thr[first],
+          "dense_weights_as_arguments_batch1_latency_ms": 1000 * common.median(lat["dense, weights as arguments"]),
+          "dense_weights_as_arguments_large_batch_images_per_s": common.median(
+              thr[first]["dense, weights as arguments"]),
+          "paper_speedup": PAPER_SPEEDUP}
 
 
 def main(argv=None) -> dict:
@@ -85,47 +143,14 @@ def main(argv=None) -> dict:
   if args.quick:
     args.model, args.batch, args.calls, args.large_calls, args.repeats = "resnet_v2_20", 8, 5, 1, 1
 
-  model = bp.create_model(args.model)
-  key = jax.random.PRNGKey(0)
-  variables = common.fast_init(model)  # random kernels: l1 scores differ between channels
-  nets = [("dense", model, variables, None)]
-  for name, masks in compressions(model, variables, args.quick):
-    small, small_vars = bp.materialize(model, variables, masks)
-    nets.append((name, small, small_vars, masks))
-
-  x1 = jax.random.normal(key, (1, 32, 32, 3))
-  xb = jax.random.normal(key, (args.batch, 32, 32, 3))
-  timed_nets = [(name, net, v) for name, net, v, _ in nets] + [("dense, weights as arguments", model, variables,
-                                                                  "argument")]
-  lat, thr = common.interleaved_inference(timed_nets, x1, xb, args.repeats, args.calls, args.large_calls)
-
-  dense_macs = bp.count_params_macs(model)["macs"]
-  dense_params = bp.count_params_macs(model)["params"]
-  base_lat, base_thr = common.median(lat["dense"]), common.median(thr["dense"])
-  rows, nets_out = [], []
-  for name, net, v, _ in nets:
-    c = bp.count_params_macs(net)
-    macs_ratio = dense_macs / c["macs"]
-    l1, tb = common.median(lat[name]), common.median(thr[name])
-    s1, sb = base_lat / l1, tb / base_thr
-    rec = {"name": name, "blocks": net.spec.num_blocks, "params": c["params"], "macs": c["macs"],
-           "params_cut": 1 - c["params"] / dense_params, "macs_cut": 1 - c["macs"] / dense_macs,
-           "macs_ratio": macs_ratio, "batch1_latency_ms": 1000 * l1, "batch1_speedup": s1,
-           "batch1_speedup_over_macs_ratio": s1 / macs_ratio,
-           f"batch{args.batch}_images_per_s": tb, "large_batch_images_per_s": tb,
-           "large_batch_speedup": sb, "large_batch_speedup_over_macs_ratio": sb / macs_ratio,
-           "batch1_latency_ms_rounds": [1000 * t for t in lat[name]], "large_batch_images_per_s_rounds": thr[name]}
-    nets_out.append(rec)
-    rows.append([name, net.spec.num_blocks, f"{100 * rec['macs_cut']:.1f}%", f"{macs_ratio:.2f}x",
-                 f"{1000 * l1:.2f}", f"{s1:.2f}x", f"{s1 / macs_ratio:.2f}", f"{tb:.0f}", f"{sb:.2f}x",
-                 f"{sb / macs_ratio:.2f}"])
-  results = {"model": args.model, "large_batch": args.batch, "repeats": args.repeats, "calls": args.calls,
-             "large_calls": args.large_calls, "networks": nets_out,
-             "dense_batch1_latency_ms": 1000 * base_lat, "dense_large_batch_images_per_s": base_thr,
-             "dense_weights_as_arguments_batch1_latency_ms": 1000 * common.median(lat["dense, weights as arguments"]),
-             "dense_weights_as_arguments_large_batch_images_per_s": common.median(
-                 thr["dense, weights as arguments"]),
-             "paper_speedup": PAPER_SPEEDUP}
+  results = measure(args.model, [args.batch], calls=args.calls, large_calls=args.large_calls, repeats=args.repeats,
+                    quick=args.quick)
+  rows = []
+  for rec in results["networks"]:
+    macs_ratio, s1, sb = rec["macs_ratio"], rec["batch1_speedup"], rec["large_batch_speedup"]
+    rows.append([rec["name"], rec["blocks"], f"{100 * rec['macs_cut']:.1f}%", f"{macs_ratio:.2f}x",
+                 f"{rec['batch1_latency_ms']:.2f}", f"{s1:.2f}x", f"{s1 / macs_ratio:.2f}",
+                 f"{rec['large_batch_images_per_s']:.0f}", f"{sb:.2f}x", f"{sb / macs_ratio:.2f}"])
   table = common.markdown_table(
       ["network", "blocks", "MACs cut", "MACs ratio", "batch-1 ms", "batch-1 speed-up", "/ MACs ratio",
        f"batch-{args.batch} img/s", f"batch-{args.batch} speed-up", "/ MACs ratio"], rows)

@@ -28,6 +28,7 @@ import os  # noqa: E402
 import subprocess  # noqa: E402
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import bpcp_jax as bp  # noqa: E402
@@ -41,9 +42,13 @@ TORCH_REFERENCE = {"dense": 86.0, "search": 59.0}
 TORCH_CHANNELS_LAST = {"dense": 113.0, "search": 78.0}
 
 
-def build(mode: str, model_name: str, batch: int, seed: int = 0):
-  """(model, tx, host state, host batch) for one step kind, as the pipeline builds them."""
-  model = bp.create_model(model_name)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def build(mode: str, model_name: str, batch: int, seed: int = 0, dtype: str = "float32"):
+  """(model, tx, host state, host batch) for one step kind, as the pipeline builds them (``dtype``: the
+  compute dtype, as the config's ``dtype``; parameters stay float32)."""
+  model = bp.create_model(model_name, dtype=DTYPES[dtype])
   variables = common.fast_init(model, seed)
   tx = optim.make_optimizer(0.1)
   gates, channels = None, None
@@ -60,9 +65,9 @@ def build(mode: str, model_name: str, batch: int, seed: int = 0):
   return model, tx, state, host_batch
 
 
-def make_runner(mode: str, wrapper: str, model_name: str, batch: int):
+def make_runner(mode: str, wrapper: str, model_name: str, batch: int, dtype: str = "float32"):
   """A closure running one step (state kept inside), with its first-call time."""
-  model, tx, state, host_batch = build(mode, model_name, batch)
+  model, tx, state, host_batch = build(mode, model_name, batch, dtype=dtype)
   network = FamilyNetwork.of(model)
   if wrapper == "pmap":
     fn = parallel.parallel_train_step(network, tx, mode=mode, gamma=0.05)
@@ -80,6 +85,53 @@ def make_runner(mode: str, wrapper: str, model_name: str, batch: int):
 
   first = common.timed(run)
   return run, first
+
+
+def measure(configs, steps_per_round: int, repeats: int, *, threads: int = 1, deadline: float | None = None,
+            on_built=None, on_round=None) -> dict:
+  """Time the train step of every config ``(mode, wrapper, model_name, batch, dtype)``, rounds interleaved.
+
+  The runners are built (and their steps compiled) by ``threads`` threads; with a ``deadline``
+  (``time.time()`` seconds) a config not yet started by then is skipped, and rounds stop at the
+  deadline after the first. Returns ``{config: {"images_per_s", "step_s", "first_call_s",
+  "compile_s", "step_times_s"}}`` for the configs measured (``compile_s``: first call minus a
+  steady step; with several threads the compilations overlap, so each took longer than alone).
+  ``on_built(config)`` is called as each runner is ready, ``on_round(results so far)`` after each round."""
+  import concurrent.futures
+  import time
+
+  def build_one(cfg):
+    if deadline is not None and time.time() > deadline:
+      return None
+    out = make_runner(cfg[0], cfg[1], cfg[2], cfg[3], cfg[4])
+    if on_built:
+      on_built(cfg)
+    return out
+
+  if threads > 1:
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+      built = dict(zip(configs, pool.map(build_one, configs)))
+  else:
+    built = {cfg: build_one(cfg) for cfg in configs}
+  runners = {cfg: b for cfg, b in built.items() if b is not None}
+  times = {cfg: [] for cfg in runners}
+
+  def results():
+    out = {}
+    for cfg, ts in times.items():
+      step, first = common.median(ts), runners[cfg][1]
+      out[cfg] = {"images_per_s": cfg[3] / step, "step_s": step, "first_call_s": first,
+                  "compile_s": max(first - step, 0.0), "step_times_s": list(ts)}
+    return out
+
+  for r in range(repeats):
+    if r and deadline is not None and time.time() > deadline:
+      break
+    for cfg, (run, _) in runners.items():
+      times[cfg].append(sum(common.timed(run) for _ in range(steps_per_round)) / steps_per_round)
+    if on_round:
+      on_round(results())
+  return results()
 
 
 def _child(mode: str, model_name: str, batch: int, steps_: int, repeats: int, allocator=None) -> dict:
@@ -113,6 +165,7 @@ def main(argv=None) -> dict:
   common.add_common_args(p)
   p.add_argument("--model", default="resnet_v2_56")
   p.add_argument("--batch", type=int, default=128)
+  p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype of the network")
   p.add_argument("--steps", type=int, default=3, help="steps per timed round")
   p.add_argument("--modes", default=",".join(MODES))
   p.add_argument("--wrappers", default="pmap,jit", help="pmap (what the loop runs) and/or jit")
@@ -134,24 +187,18 @@ def main(argv=None) -> dict:
   if args.batch % jax.local_device_count():
     raise SystemExit(f"--batch {args.batch} must divide over {jax.local_device_count()} devices")
 
-  runners, first = {}, {}
-  for w in wrappers:
-    for m in modes:
-      runners[(m, w)], first[(m, w)] = make_runner(m, w, args.model, args.batch)
-  times = {k: [] for k in runners}
-  for _ in range(args.repeats):  # rounds interleaved over every (mode, wrapper)
-    for k, run in runners.items():
-      times[k].append(sum(common.timed(run) for _ in range(args.steps)) / args.steps)
+  configs = [(m, w, args.model, args.batch, args.dtype) for w in wrappers for m in modes]
+  measured = measure(configs, args.steps, args.repeats)  # rounds interleaved over every (mode, wrapper)
+  runners = [(m, w) for m, w, *_ in configs]
 
-  results: dict = {"model": args.model, "batch": args.batch, "steps_per_round": args.steps,
+  results: dict = {"model": args.model, "batch": args.batch, "dtype": args.dtype, "steps_per_round": args.steps,
                    "repeats": args.repeats, "devices": jax.local_device_count(), "step_times_s": {}}
   rows = []
-  for (m, w), ts in times.items():
-    step = common.median(ts)
+  for (m, w, *_), r in measured.items():
     suffix = "" if w == "pmap" else "_jit"
-    results[f"{m}_step{suffix}_images_per_s"] = args.batch / step
-    results[f"{m}_step{suffix}_compile_s"] = max(first[(m, w)] - step, 0.0)
-    results["step_times_s"][f"{m}_{w}"] = ts
+    results[f"{m}_step{suffix}_images_per_s"] = r["images_per_s"]
+    results[f"{m}_step{suffix}_compile_s"] = r["compile_s"]
+    results["step_times_s"][f"{m}_{w}"] = r["step_times_s"]
   for w in wrappers:
     suffix = "" if w == "pmap" else "_jit"
     if "dense" in modes and "search" in modes:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -302,8 +302,14 @@ def _speed_report(p, selection) -> str:
 
 
 def run_pipeline(config, workdir: str, *, resume: bool = False, data_path: Optional[str] = None,
-                 input_dir: Optional[str] = None, progress: bool = True) -> dict[str, Any]:
-  """Run the configured stages in ``workdir``; returns the summary (also written to disk)."""
+                 input_dir: Optional[str] = None, progress: bool = True,
+                 before_stage: Optional[Callable[[str, Any], None]] = None) -> dict[str, Any]:
+  """Run the configured stages in ``workdir``; returns the summary (also written to disk).
+
+  ``before_stage(stage, config)``, when given, is called just before each stage and may change the
+  settings of that stage and the later ones (epochs planned from a time budget, as
+  experiments/accelerator_run.py does); the changed config is checked again and ``config.json``
+  rewritten, so it holds what ran."""
   from bpcp_jax.run import report
 
   check_run_config(config)
@@ -317,14 +323,16 @@ def run_pipeline(config, workdir: str, *, resume: bool = False, data_path: Optio
     raise PermissionError(f"work directory {workdir} is not writable")
   train, test = load_data(config, data_path, progress=progress)
   ctx = RunContext(config, os.path.abspath(workdir), resume, train, test, progress)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+  _write_config(ctx)
 
   current = initial_network(config, ctx, input_dir)
   dense = StageOutput(current.network, current.variables, {}, current.accuracy)  # the network we start from
   history = {}
   for stage in stages:
+    if before_stage is not None:
+      before_stage(stage, config)
+      check_run_config(config)
+      _write_config(ctx)
     if stage == "prune":
       if current.gates:  # pruning channels of a searched network: decide its blocks first
         current = materialize_blocks(config, current)
@@ -374,6 +382,12 @@ def initial_network(config, ctx: RunContext, input_dir: Optional[str] = None) ->
 
     variables = load_weights(config.init_from, variables)
   return StageOutput(network, dict(variables), {}, None)
+
+
+def _write_config(ctx: RunContext) -> None:
+  if jax.process_index() == 0:
+    with open(os.path.join(ctx.workdir, "config.json"), "w") as f:
+      json.dump(ctx.config.to_dict(), f, indent=2, sort_keys=True)
 
 
 def evaluate_output(config, out: StageOutput, split: data.Split, progress: bool = True) -> float:

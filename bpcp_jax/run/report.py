@@ -84,22 +84,9 @@ def summary_table(summary: dict[str, Any]) -> str:
   return "\n".join(rows) + f"\n\n{extra}\n"
 
 
-def write_report(workdir: str) -> str:
-  """Write ``report.md`` and its PNG plots from the run directory's files; returns the path."""
-  if jax.process_index() != 0:
-    return ""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  with open(os.path.join(workdir, "summary.json")) as f:
-    summary = json.load(f)
-  records = _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-  parts = [f"# BPCP run: {summary['model']}\n", summary_table(summary)]
-
-  # accuracy over all stages, epochs laid end to end
-  fig, ax = plt.subplots(figsize=(7, 3.5))
+def plot_accuracy(ax, records) -> None:
+  """Train and test accuracy of every stage on ``ax``, the stages' epochs laid end to end
+  (``records``: the lines of ``metrics.jsonl``)."""
   x0 = 0
   for stage in dict.fromkeys(r["stage"] for r in records):
     rs = [r for r in records if r["stage"] == stage]
@@ -112,26 +99,66 @@ def write_report(workdir: str) -> str:
   ax.set_xlabel("epoch (all stages)")
   ax.set_ylabel("accuracy")
   ax.legend(fontsize=7)
+
+
+def plot_gates(ax, records) -> bool:
+  """Each block's keep probability over the search epochs on ``ax``; False when no search was logged."""
+  search = [r for r in records if r["stage"] == "search" and "gate_probs" in r]
+  if not search:
+    return False
+  names = sorted(search[0]["gate_probs"])
+  probs = np.array([[r["gate_probs"][n] for n in names] for r in search])
+  for i, n in enumerate(names):
+    ax.plot([r["epoch"] for r in search], probs[:, i], label=n)
+  ax.axhline(0.5, color="k", lw=0.8, ls=":")
+  ax.set_xlabel("search epoch")
+  ax.set_ylabel("keep probability")
+  ax.legend(fontsize=6, ncol=3)
+  return True
+
+
+def write_report(workdir: str) -> str:
+  """Write ``report.md`` and its PNG plots from the run directory's files; returns the path.
+
+  Without matplotlib the report holds the table alone and says the plots were skipped."""
+  if jax.process_index() != 0:
+    return ""
+  with open(os.path.join(workdir, "summary.json")) as f:
+    summary = json.load(f)
+  records = _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  parts = [f"# BPCP run: {summary['model']}\n", summary_table(summary)]
+  try:
+    import matplotlib
+  except ImportError:
+    parts.append("\nPlots skipped: matplotlib is not installed.\n")
+  else:
+    matplotlib.use("Agg")
+    parts += _plots(workdir, summary, records)
+  if os.path.exists(os.path.join(workdir, "prune_report.md")):
+    parts.append("\nThe channel selection, group by group: [prune_report.md](prune_report.md)\n")
+  path = os.path.join(workdir, "report.md")
+  with open(path, "w") as f:
+    f.write("\n".join(parts))
+  return path
+
+
+def _plots(workdir: str, summary, records) -> list[str]:
+  import matplotlib.pyplot as plt
+
+  parts = []
+  fig, ax = plt.subplots(figsize=(7, 3.5))
+  plot_accuracy(ax, records)
   fig.tight_layout()
   fig.savefig(os.path.join(workdir, "accuracy.png"), dpi=110)
   plt.close(fig)
   parts.append("\n## Accuracy\n\n![accuracy](accuracy.png)\n")
 
-  search = [r for r in records if r["stage"] == "search" and "gate_probs" in r]
-  if search:
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    names = sorted(search[0]["gate_probs"])
-    probs = np.array([[r["gate_probs"][n] for n in names] for r in search])
-    for i, n in enumerate(names):
-      ax.plot([r["epoch"] for r in search], probs[:, i], label=n)
-    ax.axhline(0.5, color="k", lw=0.8, ls=":")
-    ax.set_xlabel("search epoch")
-    ax.set_ylabel("keep probability")
-    ax.legend(fontsize=6, ncol=3)
+  fig, ax = plt.subplots(figsize=(7, 3.5))
+  if plot_gates(ax, records):
     fig.tight_layout()
     fig.savefig(os.path.join(workdir, "gates.png"), dpi=110)
-    plt.close(fig)
     parts.append("\n## Gate probabilities during the block search\n\n![gates](gates.png)\n")
+  plt.close(fig)
 
   dense_ch, pruned_ch = summary["dense"]["channels_per_group"], summary["pruned"]["channels_per_group"]
   groups = list(dense_ch)
@@ -146,9 +173,4 @@ def write_report(workdir: str) -> str:
   fig.savefig(os.path.join(workdir, "channels.png"), dpi=110)
   plt.close(fig)
   parts.append("\n## Channels kept per group\n\n![channels](channels.png)\n")
-  if os.path.exists(os.path.join(workdir, "prune_report.md")):
-    parts.append("\nThe channel selection, group by group: [prune_report.md](prune_report.md)\n")
-  path = os.path.join(workdir, "report.md")
-  with open(path, "w") as f:
-    f.write("\n".join(parts))
-  return path
+  return parts

@@ -18,6 +18,7 @@ import numpy as np
 from bpcp_jax.training import steps
 
 AXIS = "batch"
+DONATE = (0,)  # the train step's old state: its buffers are reused for the new one
 # environment variables that announce a multi-process launch (any one is enough)
 _DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
 
@@ -77,15 +78,27 @@ def _guarded(fn, n: int):
   return chex.assert_max_traces(step, n=n)
 
 
+def train_step_fn(network, tx, *, mode: str = "dense", gamma: float = 0.0, bn_l1: float = 0.0,
+                  augment: bool = True, distill=None, axis_name=AXIS):
+  """``steps.train_step`` with its static arguments bound: ``(state, batch[, teacher_variables]) ->
+  (state, metrics)``, the function ``parallel_train_step`` maps (tests/test_export.py lowers the
+  same one for GPU and TPU)."""
+  return functools.partial(steps.train_step, network=network, tx=tx, mode=mode, gamma=gamma, bn_l1=bn_l1,
+                           augment=augment, axis_name=axis_name, distill=distill)
+
+
+def eval_step_fn(network, axis_name=AXIS):
+  """``steps.eval_step`` with its static arguments bound: ``(state, batch) -> sums``."""
+  return functools.partial(steps.eval_step, network=network, axis_name=axis_name)
+
+
 def parallel_train_step(network, tx, *, mode: str = "dense", gamma: float = 0.0, bn_l1: float = 0.0,
                         augment: bool = True, distill=None, max_traces: int = 1):
   """``train_step`` mapped over the local devices, donating the old state. With ``distill`` the
   mapped step takes the replicated teacher variables as a third argument."""
-  fn = functools.partial(steps.train_step, network=network, tx=tx, mode=mode, gamma=gamma, bn_l1=bn_l1,
-                         augment=augment, axis_name=AXIS, distill=distill)
-  return jax.pmap(_guarded(fn, max_traces), axis_name=AXIS, donate_argnums=(0,))
+  fn = train_step_fn(network, tx, mode=mode, gamma=gamma, bn_l1=bn_l1, augment=augment, distill=distill)
+  return jax.pmap(_guarded(fn, max_traces), axis_name=AXIS, donate_argnums=DONATE)
 
 
 def parallel_eval_step(network, max_traces: int = 1):
-  fn = functools.partial(steps.eval_step, network=network, axis_name=AXIS)
-  return jax.pmap(_guarded(fn, max_traces), axis_name=AXIS)
+  return jax.pmap(_guarded(eval_step_fn(network), max_traces), axis_name=AXIS)
