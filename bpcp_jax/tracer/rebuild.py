@@ -67,12 +67,14 @@ class RebuildReport:
   """What ``rebuild`` did. ``rebuilt``: the module returned is the user's class (else the
   ``PrunedNetwork``); ``problems``: ``"<module path>: <reason>"`` for each reason it is not;
   ``max_abs_diff``: per traced mode, the largest difference between the rebuilt module and the
-  ``PrunedNetwork`` (outputs and updated collections) on the example inputs."""
+  ``PrunedNetwork`` (outputs and updated collections) on the example inputs; ``assumed``: layers
+  of types it does not know whose widths were taken to follow their inputs (checked)."""
 
   rebuilt: bool
   plan: Optional[dict]
   problems: list
   max_abs_diff: dict
+  assumed: list = dataclasses.field(default_factory=list)
 
   def __str__(self):
     head = "rebuilt as the user's class" if self.rebuilt else "not rebuilt; using the traced PrunedNetwork"
@@ -208,18 +210,21 @@ def _rule_for(module):
   return None
 
 
-def _layer_attrs(module, old_shapes, new_shapes, path) -> dict:
-  """The attributes of ``module`` that change from the dense to the pruned shapes."""
+def _layer_attrs(module, old_shapes, new_shapes, path) -> tuple[dict, Optional[str]]:
+  """The attributes of ``module`` that change from the dense to the pruned shapes, and a note when
+  its type is unknown but its variables change shape (assumed to take their widths from its input,
+  which the check of the rebuilt module then confirms or refutes)."""
   rule = _rule_for(module)
   own_old, own_new = _own_shapes(old_shapes, path), _own_shapes(new_shapes, path)
   if own_old and not own_new:
     raise _Cannot("its variables are dropped by the pruning, but it is not inside a removed block's module")
   if rule is None:
+    note = None
     if own_old != own_new:
       changed = [f"{k} {own_old[k]} -> {own_new.get(k)}" for k in own_old if own_old[k] != own_new.get(k)]
-      raise _Cannot(f"a layer type whose widths this does not know ({type(module).__qualname__}; "
-                    f"{', '.join(changed)})")
-    return {}
+      note = (f"{'/'.join(path) or '<top>'}: a layer type whose widths this does not know "
+              f"({type(module).__qualname__}: {', '.join(changed)}), assumed to take them from its input")
+    return {}, note
   old = rule(module, own_old, lambda n: _own_shapes(old_shapes, path + (n,)))
   new = rule(module, own_new, lambda n: _own_shapes(new_shapes, path + (n,)))
   attrs = {}
@@ -240,7 +245,7 @@ def _layer_attrs(module, old_shapes, new_shapes, path) -> dict:
   attrs.pop("head_dim", None)
   if "num_embeddings" in attrs:
     raise _Cannot(f"the vocabulary changes ({old['num_embeddings']} -> {attrs['num_embeddings']})")
-  return attrs
+  return attrs, None
 
 
 def _shapes(tree):
@@ -349,17 +354,46 @@ def _concrete_inputs(net: TracedNetwork, inputs):
   return jax.tree_util.tree_unflatten(tree, out)
 
 
-def pruning_plan(net: TracedNetwork, small_variables, masks: Mapping, *example_inputs) -> dict:
-  """The plan (JSON-serialisable) that narrows ``net.model``'s class to ``small_variables``.
+def _widths(calls: Mapping, old_shapes, new_shapes, removed, problems: list, notes: list) -> dict:
+  """The plan's ``layers``: ``{module path: {attribute: JSON value}}`` of the modules called
+  (outside the removed blocks) whose widths change; problems and notes appended to the lists."""
+  layers = {}
+  for call in calls.values():
+    path = "/".join(call.path)
+    if path in layers or any(_under(path, r) for r in removed if path):
+      continue
+    try:
+      attrs, note = _layer_attrs(call.module, old_shapes, new_shapes, call.path)
+    except _Cannot as err:
+      problems.append(f"{path or '<top>'}: {err}")
+      continue
+    if note and note not in notes:
+      notes.append(note)
+    if attrs:
+      layers[path] = {k: list(v) if isinstance(v, tuple) else int(v) for k, v in attrs.items()}
+  return dict(sorted(layers.items()))
 
-  ``small_variables`` are those of ``materialize_traced(net, variables, masks)``; ``masks`` say
-  which residual blocks are removed. Raises ``RebuildError`` listing every module that cannot be
-  narrowed (with its path and the reason).
-  """
+
+def layer_widths(model: nn.Module, variables, small_variables, *inputs, modes: Optional[Mapping] = None) -> dict:
+  """The ``layers`` table of a plan for ``model`` whose ``variables`` become ``small_variables``
+  (sliced by any means), with no block removed: which layer attributes change. ``inputs`` (arrays
+  or ``ShapeDtypeStruct``) and ``modes`` (apply keyword arguments per mode, default eval only)
+  are those ``model.apply`` is called with. Raises ``RebuildError`` naming the modules whose
+  widths cannot be set."""
+  old_shapes = _shapes(variables)
+  calls = record_calls(model, old_shapes, inputs, modes or {"eval": {}})
+  problems: list = []
+  layers = _widths(calls, old_shapes, _shapes(small_variables), (), problems, [])
+  if problems:
+    raise RebuildError(problems)
+  return layers
+
+
+def _plan(net: TracedNetwork, small_variables, masks: Mapping, inputs) -> tuple[dict, list, list]:
+  """(plan, problems, notes): see ``pruning_plan``."""
   decision = prune_decision(net, masks)
-  inputs = tuple(example_inputs) or example_inputs_of(net)
   calls = record_calls(net.model, net.var_shapes, inputs, net.modes)
-  problems, removed = [], []
+  problems, notes, removed = [], [], []
   blocks = block_modules(net, calls, inputs)
   for name, keep in decision.keep_blocks.items():
     if not keep:
@@ -374,24 +408,27 @@ def pruning_plan(net: TracedNetwork, small_variables, masks: Mapping, *example_i
     if inside:
       problems.append(f"{path}: its variables stay though it is inside the removed block module {inside[0]} "
                       "(a projection shortcut?), and skipping that module would drop them")
-  layers = {}
-  for call in calls.values():
-    path = "/".join(call.path)
-    if path in layers or any(_under(path, r) for r in removed if path):
-      continue
-    try:
-      attrs = _layer_attrs(call.module, net.var_shapes, new_shapes, call.path)
-    except _Cannot as err:
-      problems.append(f"{path or '<top>'}: {err}")
-      continue
-    if attrs:
-      layers[path] = {k: list(v) if isinstance(v, tuple) else int(v) for k, v in attrs.items()}
-  if problems:
-    raise RebuildError(sorted(set(problems), key=problems.index))
+  layers = _widths(calls, net.var_shapes, new_shapes, removed, problems, notes)
   cls = type(net.model)
   cls = getattr(cls, "_bpcp_base", cls)
-  return {"format": PLAN_FORMAT, "class": cls.__qualname__, "layers": dict(sorted(layers.items())),
+  plan = {"format": PLAN_FORMAT, "class": cls.__qualname__, "layers": layers,
           "removed_blocks": sorted(removed)}
+  return plan, list(dict.fromkeys(problems)), notes
+
+
+def pruning_plan(net: TracedNetwork, small_variables, masks: Mapping, *example_inputs) -> dict:
+  """The plan (JSON-serialisable) that narrows ``net.model``'s class to ``small_variables``.
+
+  ``small_variables`` are those of ``materialize_traced(net, variables, masks)``; ``masks`` say
+  which residual blocks are removed; ``example_inputs`` (default: shaped like the traced ones)
+  fix the trace that locates each block's module. Raises ``RebuildError`` listing every module
+  that cannot be narrowed, with its path and the reason. The plan is not checked numerically:
+  ``rebuild`` does that.
+  """
+  plan, problems, _ = _plan(net, small_variables, masks, tuple(example_inputs) or example_inputs_of(net))
+  if problems:
+    raise RebuildError(problems)
+  return plan
 
 
 # -- the narrowed class -----------------------------------------------------------------------------
@@ -511,10 +548,11 @@ def check_rebuilt(module, reference: PrunedNetwork, small_variables, inputs, mod
     if mode not in ("eval", "train"):
       continue
     ref_kw = {"train": mode == "train", "mutable": kw.get("mutable", False)}
-    want = reference.apply(small_variables, *inputs, **ref_kw)
+    want = jax.jit(lambda v, x: reference.apply(v, *x, **ref_kw))(small_variables, inputs)
     failed_at = []
     try:
-      got = _run_tracked(lambda kw=kw: module.apply(small_variables, *inputs, **kw), failed_at)
+      run = jax.jit(lambda v, x, kw=kw: module.apply(v, *x, **kw))
+      got = _run_tracked(lambda: run(small_variables, inputs), failed_at)
     except Exception as err:  # noqa: BLE001
       problems.append(f"{failed_at[0] if failed_at else '<top>'}: the narrowed class fails in {mode} mode: "
                       f"{type(err).__name__}: {str(err).splitlines()[0]}")
@@ -539,16 +577,14 @@ def rebuild(net: TracedNetwork, small_variables, masks: Mapping, *example_inputs
   decision = prune_decision(net, masks)
   reference = PrunedNetwork(decision, _shapes(small_variables))
   inputs = _concrete_inputs(net, example_inputs)
-  plan, diffs = None, {}
-  try:
-    plan = pruning_plan(net, small_variables, masks, *inputs)
-  except RebuildError as err:
-    problems = err.problems
-  else:
+  plan, problems, notes = _plan(net, small_variables, masks, inputs)
+  diffs = {}
+  if not problems:
     module = narrow(net.model, plan)
     problems, diffs = check_rebuilt(module, reference, small_variables, inputs, net.modes, tol)
+    problems += notes if problems else []
   if problems:
     warnings.warn(f"{type(net.model).__qualname__} is not rebuilt as its own class, the pruned network is the "
                   "traced PrunedNetwork: " + "; ".join(problems), RebuildWarning, stacklevel=2)
-    return reference, RebuildReport(False, plan, list(problems), diffs)
-  return module, RebuildReport(True, plan, [], diffs)
+    return reference, RebuildReport(False, plan, list(problems), diffs, notes)
+  return module, RebuildReport(True, plan, [], diffs, notes)
