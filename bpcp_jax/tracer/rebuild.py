@@ -292,7 +292,7 @@ def block_modules(net: TracedNetwork, calls: Mapping, inputs) -> dict:
       out[name] = (None, f"its add runs at {add.where!r}, which is no module call it could find "
                          "(named scopes off, or a transformed module)")
       continue
-    path = "/".join(call.path)
+    path = "/".join(map(str, call.path))
     where = f"block {name} (module {path or '<top>'!s})"
     if not call.path:
       out[name] = (None, f"block {name}: its add is in the top-level module's own code; only a "
@@ -354,6 +354,27 @@ def _concrete_inputs(net: TracedNetwork, inputs):
   return jax.tree_util.tree_unflatten(tree, out)
 
 
+def removed_block_modules(net: TracedNetwork, masks: Mapping, calls: Mapping, inputs, small_shapes) -> tuple[list, list]:
+  """(module paths to skip, problems) for the blocks ``masks`` remove (see ``block_modules``);
+  a module still owning pruned variables (a projection shortcut) is a problem."""
+  decision = prune_decision(net, masks)
+  blocks = block_modules(net, calls, inputs)
+  problems, removed = [], []
+  for name, keep in decision.keep_blocks.items():
+    if not keep:
+      path, reason = blocks[name]
+      if reason is not None:
+        problems.append(reason)
+      else:
+        removed.append(path)
+  for path in sorted({"/".join(map(str, p[1:-1])) for p in _paths(small_shapes)}):
+    inside = [r for r in removed if _under(path, r)]
+    if inside:
+      problems.append(f"{path}: its variables stay though it is inside the removed block module {inside[0]} "
+                      "(a projection shortcut?), and skipping that module would drop them")
+  return removed, problems
+
+
 def _widths(calls: Mapping, old_shapes, new_shapes, removed, problems: list, notes: list) -> dict:
   """The plan's ``layers``: ``{module path: {attribute: JSON value}}`` of the modules called
   (outside the removed blocks) whose widths change; problems and notes appended to the lists."""
@@ -391,23 +412,10 @@ def layer_widths(model: nn.Module, variables, small_variables, *inputs, modes: O
 
 def _plan(net: TracedNetwork, small_variables, masks: Mapping, inputs) -> tuple[dict, list, list]:
   """(plan, problems, notes): see ``pruning_plan``."""
-  decision = prune_decision(net, masks)
   calls = record_calls(net.model, net.var_shapes, inputs, net.modes)
-  problems, notes, removed = [], [], []
-  blocks = block_modules(net, calls, inputs)
-  for name, keep in decision.keep_blocks.items():
-    if not keep:
-      path, reason = blocks[name]
-      if reason is not None:
-        problems.append(reason)
-      else:
-        removed.append(path)
   new_shapes = _shapes(small_variables)
-  for path in sorted({"/".join(p[1:-1]) for p in _paths(new_shapes)}):
-    inside = [r for r in removed if _under(path, r)]
-    if inside:
-      problems.append(f"{path}: its variables stay though it is inside the removed block module {inside[0]} "
-                      "(a projection shortcut?), and skipping that module would drop them")
+  removed, problems = removed_block_modules(net, masks, calls, inputs, new_shapes)
+  notes: list = []
   layers = _widths(calls, net.var_shapes, new_shapes, removed, problems, notes)
   cls = type(net.model)
   cls = getattr(cls, "_bpcp_base", cls)
