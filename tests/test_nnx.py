@@ -130,6 +130,14 @@ def test_nnx_removed_projection_block_is_reported():
     bp.materialize_nnx(net, variables, _masks(net, remove=("blocks/1",)), X)
   small, report = bp.materialize_nnx(net, variables, _masks(net, remove=("blocks/0",)), X)
   assert report.plan["removed_blocks"] == ["blocks/0"] and isinstance(small.blocks[1].shortcut, nnx.Conv)
+  # pruned again: the plan still rebuilds it from the class
+  net2, variables2 = bp.trace_nnx(small, X, modes={"eval": {}})
+  masks2 = _masks(net2)
+  smaller, report2 = bp.materialize_nnx(net2, variables2, masks2, X)
+  assert report2.plan["removed_blocks"] == ["blocks/0"] and smaller.stem.out_features < small.stem.out_features
+  restored = bp.narrow_nnx(_model(project=(False, True)), report2.plan, nnx.to_pure_dict(nnx.state(smaller)))
+  smaller.eval(), restored.eval()
+  _close(_run(restored, X), _run(smaller, X))
 
 
 def test_nnx_attention_heads_narrowed_from_the_variables():
@@ -146,7 +154,8 @@ def test_nnx_attention_heads_narrowed_from_the_variables():
   bnnx._write(narrowed, leaves_by_path(small))
   problems = []
   layers = bnnx._layer_widths(narrowed, {"params": params}, problems, [])
-  assert not problems and layers[""] == {"num_heads": 2, "num_kv_heads": 2, "qkv_features": 8}
+  assert not problems and {k: layers[""][k] for k in ("num_heads", "num_kv_heads", "qkv_features")} == {
+      "num_heads": 2, "num_kv_heads": 2, "qkv_features": 8}
   plan = {"format": bp.PLAN_FORMAT, "class": "MultiHeadAttention", "layers": layers, "removed_blocks": []}
   narrowed = bp.narrow_nnx(nnx.clone(model), plan, small)
   assert narrowed.num_heads == 2 and narrowed.head_dim == 4

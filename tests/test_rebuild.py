@@ -146,12 +146,13 @@ class GatedNet(nn.Module):
     return nn.Dense(3)(jnp.mean(nn.Conv(6, (3, 3))(h), axis=(1, 2)))
 
 
-def _random_variables(model, x, seed):
+def _random_variables(model, inputs, seed):
   """Variables of ``model`` drawn with NumPy (kernels scaled by fan-in, positive vectors, so that
   statistics and biases are non-trivial): no initializer is compiled. Everything that runs in
   these tests is jitted: one compilation costs much less than one per eager op."""
   rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(seed), x))
+  inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(seed), *inputs))
   return jax.tree_util.tree_map(
       lambda s: (rng.uniform(0.5, 1.5, s.shape) if len(s.shape) == 1
                  else rng.normal(size=s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(np.float32), shapes)
@@ -253,6 +254,13 @@ def test_setup_style_module_and_its_methods():
   x, variables, net, masks, small_vars, rebuilt, report = _rebuilt(SetupNet(), remove=("blocks_1",), train=False)
   assert report.plan["removed_blocks"] == ["blocks_1"]
   _close(_apply(rebuilt, small_vars, x, method="embed"), _apply(rebuilt, small_vars, x, method=SetupNet.embed))
+  # the rebuilt network pruned again: its plan, from the original class, has both rounds
+  net2 = bp.trace_network(rebuilt, small_vars, x)
+  masks2 = _masks(net2, 1, remove=("blocks_2",))
+  _, smaller_vars = bp.materialize_traced(net2, small_vars, masks2)
+  smaller, report2 = bp.rebuild(net2, smaller_vars, masks2, x)
+  assert report2.rebuilt and report2.plan["removed_blocks"] == ["blocks_1", "blocks_2"]
+  _close(_apply(bp.narrow(SetupNet(), report2.plan), smaller_vars, x), _masked(net2, small_vars, masks2, x))
 
 
 def test_depthwise_group_counts_follow_the_kept_channels():
@@ -290,6 +298,46 @@ def test_attention_heads_narrowed_from_the_variables():
   zeroed = jax.tree_util.tree_map(np.copy, variables)
   zeroed["params"]["att"]["out"]["kernel"][np.array([1, 3])] = 0.0
   _close(_apply(bp.narrow(model, plan), small, x), _apply(model, zeroed, x))
+
+
+def test_layer_types_narrowed_from_the_variables():
+  """ConvTranspose, GroupNorm (a whole group cut), Embed and DenseGeneral widths from hand-sliced
+  variables; equal to the dense network with the cut channels' weights downstream zeroed."""
+  from bpcp_jax.tracer.rebuild import layer_widths
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, image, tokens):
+      h = nn.ConvTranspose(8, (3, 3), name="up")(image)
+      h = nn.GroupNorm(num_groups=4, name="gn")(h)
+      e = nn.DenseGeneral((2, 3), name="proj")(nn.Embed(10, 6, name="embed")(tokens))
+      return (nn.Dense(3, name="head")(jnp.mean(h, axis=(1, 2)))
+              + nn.Dense(3, name="tok")(e.reshape(e.shape[:2] + (-1,))).sum(1))
+
+  model = Net()
+  image = np.random.default_rng(0).normal(size=(2, 4, 4, 3)).astype(np.float32)
+  tokens = np.array([[1, 2, 3], [4, 5, 9]], np.int32)
+  variables = _random_variables(model, (image, tokens), 0)
+  p = variables["params"]
+  keep_c = np.array([0, 1, 4, 5, 6, 7])  # the GroupNorm's group 1 cut
+  keep_e, keep_g = np.array([0, 2, 3, 5]), np.array([0, 2])  # embedding features; the DenseGeneral's last axis
+  small = {"params": {
+      "up": {"kernel": p["up"]["kernel"][..., keep_c], "bias": p["up"]["bias"][keep_c]},
+      "gn": {"scale": p["gn"]["scale"][keep_c], "bias": p["gn"]["bias"][keep_c]},
+      "head": {"kernel": p["head"]["kernel"][keep_c], "bias": p["head"]["bias"]},
+      "embed": {"embedding": p["embed"]["embedding"][:, keep_e]},
+      "proj": {"kernel": p["proj"]["kernel"][keep_e][..., keep_g], "bias": p["proj"]["bias"][:, keep_g]},
+      "tok": {"kernel": p["tok"]["kernel"].reshape(2, 3, 3)[:, keep_g].reshape(4, 3), "bias": p["tok"]["bias"]}}}
+  layers = layer_widths(model, variables, small, image, tokens)
+  assert layers == {"up": {"features": 6}, "gn": {"num_groups": 3}, "embed": {"features": 4},
+                    "proj": {"features": [2, 2]}}
+  zeroed = jax.tree_util.tree_map(np.copy, variables)
+  zeroed["params"]["head"]["kernel"][[2, 3]] = 0.0
+  zeroed["params"]["embed"]["embedding"][:, [1, 4]] = 0.0
+  zeroed["params"]["tok"]["kernel"][[1, 4]] = 0.0  # (2, 3) features flattened: [i, 1] is row 3 * i + 1
+  plan = {"format": bp.PLAN_FORMAT, "class": Net.__qualname__, "layers": layers, "removed_blocks": []}
+  run = lambda m, v: jax.jit(lambda v: m.apply(v, image, tokens))(v)  # noqa: E731
+  _close(run(bp.narrow(model, plan), small), run(model, zeroed))
 
 
 # -- what cannot be rebuilt falls back to the PrunedNetwork ----------------------------------------

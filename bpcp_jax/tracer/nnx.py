@@ -65,17 +65,25 @@ def _collect(model, col: str) -> dict:
   return out
 
 
-def _write(model, leaves: Mapping, missing: Optional[list] = None) -> None:
-  """Set every Param/BatchStat of ``model`` from ``leaves`` (``{"params/conv/kernel": array}``);
-  the paths not found go to ``missing`` (or are left as they are)."""
+def _write(model, leaves: Mapping, missing: Optional[list] = None, by_collection: bool = True) -> None:
+  """Set the variables of ``model`` from ``leaves``: its Params and BatchStats from
+  ``{"params/conv/kernel": array, ...}``, or (``by_collection=False``) every variable from
+  ``{"conv/kernel": array, ...}`` (the layout of ``nnx.state(model)``). Paths not found go to
+  ``missing`` (or are left as they are)."""
   for path, node in nnx.iter_graph(model):
-    for col, cls in COLLECTIONS.items():
-      if isinstance(node, cls):
-        key = _path_key(col, path)
-        if key in leaves:
-          node.set_value(leaves[key])
-        elif missing is not None:
-          missing.append(key)
+    if not isinstance(node, nnx.Variable):
+      continue
+    if by_collection:
+      col = next((c for c, cls in COLLECTIONS.items() if isinstance(node, cls)), None)
+      if col is None:
+        continue
+      key = _path_key(col, path)
+    else:
+      key = "/".join(map(str, path))
+    if key in leaves:
+      node.set_value(leaves[key])
+    elif missing is not None:
+      missing.append(key)
 
 
 def _scope_name(path, model) -> str:
@@ -241,8 +249,8 @@ RULES = (
 
 
 def _layer_widths(model, old_shapes: Mapping, problems: list, notes: list) -> dict:
-  """``{path: {attribute: value}}`` of the modules whose shape attributes differ from their
-  (already written) variables' shapes."""
+  """``{path: {attribute: value}}``: the shape attributes of every layer of a known type, from its
+  (already written) variables (a complete table, so that it also rebuilds a module pruned twice)."""
   old = {k: tuple(v.shape) for k, v in leaves_by_path(old_shapes).items()}
   layers = {}
   for path, m in nnx.iter_modules(model):
@@ -261,7 +269,6 @@ def _layer_widths(model, old_shapes: Mapping, problems: list, notes: list) -> di
     except ValueError as err:
       problems.append(f"{name or '<top>'}: {err}")
       continue
-    attrs = {k: v for k, v in attrs.items() if _json(getattr(m, k)) != _json(v)}
     if attrs:
       layers[name] = {k: _json(v) for k, v in attrs.items()}
   return dict(sorted(layers.items()))
@@ -285,8 +292,10 @@ def _locate(model, path: str):
 
 def narrow_nnx(model: nnx.Module, plan: Mapping, variables: Optional[Mapping] = None) -> nnx.Module:
   """Narrow ``model`` in place by ``plan`` and return it: the removed blocks' modules become
-  ``Skipped``, the listed attributes are set, and ``variables`` (``{"params": ..., "batch_stats": ...}``
-  nested dicts, e.g. restored from a checkpoint) are written into its variables. Raises
+  ``Skipped``, the listed attributes are set, and ``variables``, e.g. restored from a checkpoint,
+  are written into its variables: either ``{"params": ..., "batch_stats": ...}`` nested dicts (as
+  ``materialize_traced`` and ``trace_nnx`` give them) or the pruned module's own state
+  (``nnx.state(pruned)`` or its ``nnx.to_pure_dict``, as one saves an NNX module). Raises
   ``ValueError`` when a path of the plan is not in ``model`` or ``variables`` misses one of its
   variables."""
   _check_plan(plan)
@@ -307,8 +316,10 @@ def narrow_nnx(model: nnx.Module, plan: Mapping, variables: Optional[Mapping] = 
     for k, v in attrs.items():
       setattr(modules[path], k, tuple(v) if isinstance(v, list) else v)
   if variables is not None:
+    if isinstance(variables, nnx.State):
+      variables = nnx.to_pure_dict(variables)
     missing: list = []
-    _write(model, leaves_by_path(variables), missing)
+    _write(model, leaves_by_path(variables), missing, by_collection=set(variables) <= set(COLLECTIONS))
     if missing:
       raise ValueError(f"the variables given have no {missing[0]} (and {len(missing) - 1} more) of the narrowed module")
   return model
@@ -338,7 +349,8 @@ def materialize_nnx(net: TracedNetwork, variables, masks: Mapping, *example_inpu
   if not problems:
     model = adapter.merge()
     cls = type(model)
-    plan = {"format": PLAN_FORMAT, "class": cls.__qualname__, "layers": {}, "removed_blocks": sorted(removed)}
+    skipped = ["/".join(map(str, p)) for p, m in nnx.iter_modules(model) if isinstance(m, Skipped)]  # pruned before
+    plan = {"format": PLAN_FORMAT, "class": cls.__qualname__, "layers": {}, "removed_blocks": sorted(skipped + removed)}
     missing: list = []
     narrow_nnx(model, plan)
     _write(model, leaves_by_path(small_vars), missing)

@@ -419,6 +419,12 @@ def _plan(net: TracedNetwork, small_variables, masks: Mapping, inputs) -> tuple[
   layers = _widths(calls, net.var_shapes, new_shapes, removed, problems, notes)
   cls = type(net.model)
   cls = getattr(cls, "_bpcp_base", cls)
+  previous = plan_of(net.model)  # pruning a rebuilt network again: the plan from the original class
+  if previous is not None:
+    merged = previous["layers"]
+    for path, attrs in layers.items():
+      merged.setdefault(path, {}).update(attrs)
+    layers, removed = dict(sorted(merged.items())), previous["removed_blocks"] + removed
   plan = {"format": PLAN_FORMAT, "class": cls.__qualname__, "layers": layers,
           "removed_blocks": sorted(removed)}
   return plan, list(dict.fromkeys(problems)), notes
