@@ -20,8 +20,9 @@ residual block (the one whose call returns ``x + f(x)``, located from the trace 
 the traced ``PrunedNetwork`` in every traced mode; what cannot be materialized raises
 ``RebuildError`` naming the module path and the reason.
 
-The same plan as for linen (``{"layers": {path: {attribute: value}}, "removed_blocks": [...]}``)
-rebuilds a checkpoint: ``narrow_nnx(factory(), plan, variables)``.
+The plan has the linen format (``{"layers": {path: {attribute: value}}, "removed_blocks": [...]}``),
+here with every layer's shape attributes, and rebuilds a checkpoint: ``narrow_nnx(factory(), plan,
+state)``. A materialized module can be traced and pruned again; the plan then covers both rounds.
 """
 
 from __future__ import annotations
@@ -159,7 +160,8 @@ def trace_nnx(model: nnx.Module, *example_inputs, modes: Optional[Mapping] = Non
   adapter = NnxNetwork.of(model)
   variables = adapter.variables()
   if modes is None:
-    modes = {"eval": {}, "train": {"train": True, **({"mutable": ["batch_stats"]} if "batch_stats" in variables else {})}}
+    train = {"train": True, **({"mutable": ["batch_stats"]} if "batch_stats" in variables else {})}
+    modes = {"eval": {}, "train": train}
   return trace_network(adapter, variables, *example_inputs, modes=modes), variables
 
 
@@ -299,6 +301,8 @@ def narrow_nnx(model: nnx.Module, plan: Mapping, variables: Optional[Mapping] = 
   ``ValueError`` when a path of the plan is not in ``model`` or ``variables`` misses one of its
   variables."""
   _check_plan(plan)
+  if plan.get("class") not in (None, type(model).__qualname__):
+    raise ValueError(f"the pruning plan was made for class {plan['class']!r}, not {type(model).__qualname__!r}")
   for path in plan["removed_blocks"]:
     try:
       parent, key = _locate(model, path)

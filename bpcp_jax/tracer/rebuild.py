@@ -23,11 +23,15 @@ for a residual block the masks remove: they return their first input instead. Wh
 is comes from the trace: the add runs directly in that module (its named scope), its output is
 the module's output, and its other operand comes from outside the module.
 
-``rebuild`` makes the plan, narrows the class and checks the result against the traced
-``PrunedNetwork`` (``init`` shapes, then outputs and updated collections in every traced mode);
-when the class cannot be rebuilt (a width hard-coded in user code, a removed block with a
-projection shortcut, a layer type whose widths it does not know) it warns, naming the module
-path and the reason, and returns the ``PrunedNetwork``.
+A layer of a type not listed whose variables change shape is assumed to take its widths from
+its input (``report.assumed``). ``rebuild`` makes the plan, narrows the class and checks the
+result against the traced ``PrunedNetwork`` (``init`` shapes, then outputs and updated
+collections in every traced mode); when the class cannot be rebuilt (a width hard-coded in user
+code, a removed block with a projection shortcut or whose add is not its module's output, a
+layer whose widths do not follow its input) it warns, naming the module path and the reason,
+and returns the ``PrunedNetwork``. Blocks are located through the named scopes Flax opens
+around module calls (``flax_profile``, on by default). A rebuilt network traced and pruned
+again gets a plan holding both rounds, from the original class.
 """
 
 from __future__ import annotations
@@ -354,7 +358,8 @@ def _concrete_inputs(net: TracedNetwork, inputs):
   return jax.tree_util.tree_unflatten(tree, out)
 
 
-def removed_block_modules(net: TracedNetwork, masks: Mapping, calls: Mapping, inputs, small_shapes) -> tuple[list, list]:
+def removed_block_modules(net: TracedNetwork, masks: Mapping, calls: Mapping, inputs,
+                          small_shapes) -> tuple[list, list]:
   """(module paths to skip, problems) for the blocks ``masks`` remove (see ``block_modules``);
   a module still owning pruned variables (a projection shortcut) is a problem."""
   decision = prune_decision(net, masks)
