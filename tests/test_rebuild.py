@@ -362,8 +362,20 @@ def test_removed_block_with_projection_shortcut_falls_back():
   _rebuilt(ResNet(kinds=("id", "proj")), remove=("Block_0",))  # the same network, its identity block removed
 
 
-def test_removed_block_processed_after_the_add_falls_back():
+class TopLevelAdd(nn.Module):
+  """A residual add written in the top-level module's own code."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Conv(8, (3, 3), name="stem")(x))
+    h = h + nn.Conv(8, (3, 3), name="c2")(nn.relu(nn.Conv(8, (3, 3), name="c1")(h)))
+    return nn.Dense(3)(jnp.mean(h, axis=(1, 2)))
+
+
+def test_removed_block_not_returned_by_its_own_module_falls_back():
   _falls_back(ResNet(kinds=("v1", "id")), "Block_0.*processed further", remove=("Block_0",))
+  (block,) = _setup(TopLevelAdd(), train=False)[2].blocks
+  _falls_back(TopLevelAdd(), f"block {block}: its add is in the top-level module", remove=(block,))
 
 
 def test_hard_coded_widths_fall_back():
