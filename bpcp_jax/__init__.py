@@ -31,6 +31,9 @@ from bpcp_jax.tracer.network import (
     materialize_traced,
     trace_network,
 )
+from bpcp_jax.tracer.rebuild import (PLAN_FORMAT, RebuildError, RebuildReport, RebuildWarning, narrow, plan_of,
+                                     pruning_plan, rebuild)
+from bpcp_jax.tracer.nnx import NnxNetwork, Skipped, materialize_nnx, narrow_nnx, trace_nnx
 from bpcp_jax.run.compile_cache import enable_compilation_cache
 from bpcp_jax.deploy.latency import OpTimer, measure_latency
 from bpcp_jax.deploy.predictor import make_predictor
@@ -56,12 +59,14 @@ def model_from_spec(spec: ArchSpec, **module_kwargs) -> ResNet:
 
 
 __all__ = [
-    "ArchSpec", "BlockSpec", "FAMILIES", "FamilyNetwork", "FlaxNetwork", "PrunableNetwork", "load_network",
-    "load_stage", "load_weights", "network_from_description", "select_blocks", "OpTimer", "PrunedNetwork", "ResNet", "Selection", "StageSpec",
+    "ArchSpec", "BlockSpec", "FAMILIES", "FamilyNetwork", "FlaxNetwork", "NnxNetwork", "OpTimer", "PLAN_FORMAT",
+    "PrunableNetwork", "PrunedNetwork", "RebuildError", "RebuildReport", "RebuildWarning", "ResNet", "Selection",
+    "Skipped", "StageSpec", "load_network", "load_stage", "load_weights", "network_from_description", "select_blocks",
     "TracedNetwork", "check_masks", "check_traced_masks", "count_leaves", "count_params_macs", "count_traced",
     "create_model", "decide_blocks", "dense_spec", "enable_compilation_cache", "gate_penalty", "gate_probabilities", "group_widths",
     "hard_gates", "init_masks", "init_traced_masks", "kept_blocks", "layer_report", "layer_table",
-    "make_predictor", "masked_apply", "materialize", "materialize_masks", "materialize_traced", "measure_latency",
-    "model_from_spec", "parse_model_name", "pruned_spec", "sample_gates", "select_pruning", "select_resnet",
-    "trace_network", "traced_importance",
+    "make_predictor", "masked_apply", "materialize", "materialize_masks", "materialize_nnx", "materialize_traced",
+    "measure_latency", "model_from_spec", "narrow", "narrow_nnx", "parse_model_name", "plan_of", "pruned_spec",
+    "pruning_plan", "rebuild", "sample_gates", "select_pruning", "select_resnet",
+    "trace_network", "trace_nnx", "traced_importance",
 ]

@@ -278,7 +278,11 @@ def _shrink(decision: PruneDecision, mode: str, inputs) -> _Shrunk:
   live = live_values(program, alias, main_out)
   var_ids = dict(zip(program.invars[:program.n_vars], program.var_paths))
   live_paths = {var_ids[v] for v in live if v in var_ids}
-  written = [(p, program.outvars[j]) for p, j in upd.items() if p in live_paths]
+  # an update (BatchNorm statistics in train mode, which the output does not read) is written
+  # back unless computing it needs a variable only a removed block uses
+  removed = {p for name, b in coupling.block_sites[program].items() if not decision.keep_blocks[name] for p in b.params}
+  written = [(p, program.outvars[j]) for p, j in upd.items() if p in live_paths or not removed & {
+      var_ids.get(v) for v in live_values(program, alias, [program.outvars[j]])}]
   live = live_values(program, alias, main_out + [o for _, o in written])
 
   def new_shape(v):

@@ -1,0 +1,397 @@
+"""Flax NNX networks: traced, pruned and materialized into a smaller NNX module of the user's classes.
+
+``NnxNetwork(model)`` gives the tracer what it uses of a ``flax.linen`` module:
+``apply(variables, *inputs, train=False, mutable=False)`` over ``nnx.split``/``nnx.merge``, the
+variables being a nested dict ``{"params": ..., "batch_stats": ...}`` of the module's
+``nnx.Param`` and ``nnx.BatchStat`` arrays (other state, such as dropout RNG streams, is held as
+it was when the adapter was made). Eval mode runs ``model.eval()``, train mode ``model.train()``
+and returns the updated statistics under ``mutable=["batch_stats"]``. Every module call runs in a
+``jax.named_scope`` of its attribute path, so the traced program says where each op runs.
+
+``trace_nnx(model, *inputs)`` traces it in eval and train mode; masks, ``masked_apply``,
+``count_traced`` and ``select_pruning`` then work unchanged on the variables dict.
+``materialize_nnx`` slices the variables as ``materialize_traced`` does and writes them into a copy
+of the module: each layer's shape attributes follow (``nnx.Linear``/``nnx.LinearGeneral``
+``in_features``/``out_features``; ``nnx.Conv`` also ``feature_group_count`` and
+``kernel_shape``; the norms' ``num_features``, ``nnx.GroupNorm``'s ``num_groups``; ``nnx.Embed``
+``features``; ``nnx.MultiHeadAttention`` heads and features), and the module of each removed
+residual block (the one whose call returns ``x + f(x)``, located from the trace as in
+``rebuild.py``) is replaced by ``Skipped``, which returns its input. The result is checked against
+the traced ``PrunedNetwork`` in every traced mode; what cannot be materialized raises
+``RebuildError`` naming the module path and the reason.
+
+The plan has the linen format (``{"layers": {path: {attribute: value}}, "removed_blocks": [...]}``),
+here with every layer's shape attributes, and rebuilds a checkpoint: ``narrow_nnx(factory(), plan,
+state)``. A materialized module can be traced and pruned again; the plan then covers both rounds.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bpcp_jax.tracer.network import TracedNetwork, leaves_by_path, materialize_traced, trace_network
+from bpcp_jax.tracer.rebuild import (PLAN_FORMAT, RebuildError, RebuildReport, _Call, _check_plan, _concrete_inputs,
+                                     _max_diff, _shapes, removed_block_modules)
+
+COLLECTIONS = {"params": nnx.Param, "batch_stats": nnx.BatchStat}
+
+
+class Skipped(nnx.Module):
+  """A removed residual block: returns its first input."""
+
+  def __call__(self, x, *args, **kwargs):
+    return x
+
+
+def _path_key(col: str, path) -> str:
+  return "/".join([col] + [str(p) for p in path])
+
+
+def _collect(model, col: str) -> dict:
+  """``{"conv": {"kernel": array}, "blocks": {0: ...}}``: the values of ``model``'s variables of collection ``col``."""
+  out: dict = {}
+  for path, node in nnx.iter_graph(model):
+    if isinstance(node, COLLECTIONS[col]):
+      d = out
+      for part in path[:-1]:
+        d = d.setdefault(part, {})
+      d[path[-1]] = node.get_value()
+  return out
+
+
+def _write(model, leaves: Mapping, missing: Optional[list] = None, by_collection: bool = True) -> None:
+  """Set the variables of ``model`` from ``leaves``: its Params and BatchStats from
+  ``{"params/conv/kernel": array, ...}``, or (``by_collection=False``) every variable from
+  ``{"conv/kernel": array, ...}`` (the layout of ``nnx.state(model)``). Paths not found go to
+  ``missing`` (or are left as they are)."""
+  for path, node in nnx.iter_graph(model):
+    if not isinstance(node, nnx.Variable):
+      continue
+    if by_collection:
+      col = next((c for c, cls in COLLECTIONS.items() if isinstance(node, cls)), None)
+      if col is None:
+        continue
+      key = _path_key(col, path)
+    else:
+      key = "/".join(map(str, path))
+    if key in leaves:
+      node.set_value(leaves[key])
+    elif missing is not None:
+      missing.append(key)
+
+
+def _scope_name(path, model) -> str:
+  return ".".join(map(str, path)) if path else type(model).__name__
+
+
+def _scoped(model, recorder: Optional[dict]) -> None:
+  """Make every module of ``model`` (a throwaway copy) run its ``__call__`` in a named scope of its
+  path, recording ``{named-scope path: _Call}`` in ``recorder`` when given."""
+  paths = {id(m): path for path, m in nnx.iter_modules(model)}
+  stack: list = []
+  derived: dict = {}
+  for path, m in nnx.iter_modules(model):
+    cls = type(m)
+    if cls not in derived:
+      def call(self, *args, _base=cls, **kwargs):
+        path = paths.get(id(self), ())
+        stack.append(_scope_name(path, self))
+        try:
+          if recorder is not None:
+            key = "/".join(stack)
+            rec = recorder.setdefault(key, _Call(tuple(path), "__call__", self))
+            rec.count += 1
+          with jax.named_scope(stack[-1]):
+            return _base.__call__(self, *args, **kwargs)
+        finally:
+          stack.pop()
+      derived[cls] = type(cls.__name__, (cls,), {"__call__": call, "__module__": cls.__module__,
+                                                  "__qualname__": cls.__qualname__})
+    m.__class__ = derived[cls]
+
+
+@dataclasses.dataclass(eq=False)
+class NnxNetwork:
+  """An NNX module seen as ``apply(variables, *inputs, train=False, mutable=False)``; see the module
+  docstring. Made from a snapshot of ``model`` (later changes to ``model`` are not seen)."""
+
+  graphdef: Any
+  state: Any
+
+  @classmethod
+  def of(cls, model: nnx.Module) -> "NnxNetwork":
+    if not isinstance(model, nnx.Module):
+      raise TypeError(f"expected a flax.nnx.Module, got {type(model).__qualname__}")
+    return cls(*nnx.split(nnx.clone(model)))
+
+  def merge(self) -> nnx.Module:
+    """A fresh copy of the module."""
+    return nnx.merge(self.graphdef, self.state, copy=True)
+
+  def variables(self) -> dict:
+    """``{"params": ..., "batch_stats": ...}`` (the collections the module has) of nested dicts of arrays."""
+    model = self.merge()
+    out = {col: _collect(model, col) for col in COLLECTIONS}
+    return {col: tree for col, tree in out.items() if tree}
+
+  def apply(self, variables, *inputs, train: bool = False, mutable=False, _recorder: Optional[dict] = None):
+    model = self.merge()
+    _write(model, leaves_by_path(variables))
+    model.train() if train else model.eval()
+    _scoped(model, _recorder)
+    out = model(*inputs)
+    if not mutable:
+      return out
+    cols = list(COLLECTIONS) if mutable is True else [mutable] if isinstance(mutable, str) else list(mutable)
+    return out, {col: _collect(model, col) for col in cols}
+
+
+def trace_nnx(model: nnx.Module, *example_inputs, modes: Optional[Mapping] = None) -> tuple[TracedNetwork, dict]:
+  """``(net, variables)``: ``model`` traced by ``trace_network`` through ``NnxNetwork``, in eval
+  mode and (by default) train mode (``{"train": True, "mutable": ["batch_stats"]}`` when the
+  module has batch statistics)."""
+  adapter = NnxNetwork.of(model)
+  variables = adapter.variables()
+  if modes is None:
+    train = {"train": True, **({"mutable": ["batch_stats"]} if "batch_stats" in variables else {})}
+    modes = {"eval": {}, "train": train}
+  return trace_network(adapter, variables, *example_inputs, modes=modes), variables
+
+
+def _record_calls(adapter: NnxNetwork, variables, inputs, modes: Mapping) -> dict:
+  calls: dict = {}
+  for kw in modes.values():
+    found: dict = {}
+    jax.eval_shape(lambda v, x, kw=kw: adapter.apply(v, *x, _recorder=found, **kw), _shapes(variables), tuple(inputs))
+    for key, call in found.items():
+      rec = calls.setdefault(key, call)
+      rec.count = max(rec.count, call.count)
+  return calls
+
+
+# -- widths ---------------------------------------------------------------------------------------
+
+def _shape(module, name):
+  v = vars(module).get(name)
+  return tuple(int(d) for d in np.shape(v.get_value())) if isinstance(v, nnx.Variable) else None
+
+
+def _norm(m):
+  width = _shape(m, "scale") or _shape(m, "bias") or _shape(m, "mean")
+  return {} if width is None else {"num_features": width[-1]}
+
+
+def _group_norm(m):
+  attrs = _norm(m)
+  if attrs:
+    n = attrs["num_features"]
+    if n % m.group_size:
+      raise ValueError(f"{n} channels do not split into groups of {m.group_size}")
+    attrs["num_groups"] = n // m.group_size
+  return attrs
+
+
+def _linear(m):
+  k = _shape(m, "kernel")
+  return {"in_features": k[0], "out_features": k[1]}
+
+
+def _linear_general(m):
+  k = _shape(m, "kernel")
+  nb, nin = len(m.batch_axis), len(m.in_features)
+  return {"in_features": k[nb:nb + nin], "out_features": k[nb + nin:]}
+
+
+def _conv(m):
+  k = _shape(m, "kernel")
+  groups = m.feature_group_count
+  if groups > 1:  # depthwise: the group count follows the output width (multiplier fixed)
+    if (groups * k[-1]) % m.out_features:
+      raise ValueError(f"feature_group_count={groups} does not divide the kept width {k[-1]} into equal groups")
+    groups = groups * k[-1] // m.out_features
+  return {"in_features": k[-2] * groups, "out_features": k[-1], "feature_group_count": groups, "kernel_shape": k}
+
+
+def _conv_transpose(m):
+  k = _shape(m, "kernel")
+  return {"in_features": k[-2], "out_features": k[-1], "kernel_shape": k}
+
+
+def _embed(m):
+  e = _shape(m, "embedding")
+  if e[0] != m.num_embeddings:
+    raise ValueError(f"the vocabulary changes ({m.num_embeddings} -> {e[0]})")
+  return {"features": e[-1]}
+
+
+def _attention(m):
+  q, k, o = _shape(m.query, "kernel"), _shape(m.key, "kernel"), _shape(m.out, "kernel")
+  if q[-1] != m.head_dim:
+    raise ValueError(f"the per-head dimension changes ({m.head_dim} -> {q[-1]}): the attention scale "
+                     "1/sqrt(head_dim) of the materialized layer would differ from the pruned one")
+  attrs = {"num_heads": q[-2], "qkv_features": q[-2] * q[-1], "in_features": q[0], "in_kv_features": k[0],
+           "out_features": o[-1]}
+  if getattr(m, "num_kv_heads", None) == m.num_heads:
+    attrs["num_kv_heads"] = q[-2]
+  return attrs
+
+
+RULES = (
+    (nnx.MultiHeadAttention, _attention), (nnx.ConvTranspose, _conv_transpose), (nnx.Conv, _conv),
+    (nnx.LinearGeneral, _linear_general), (nnx.Linear, _linear), (nnx.Embed, _embed),
+    (nnx.GroupNorm, _group_norm), (nnx.BatchNorm, _norm), (nnx.LayerNorm, _norm), (nnx.RMSNorm, _norm),
+)
+
+
+def _layer_widths(model, old_shapes: Mapping, problems: list, notes: list) -> dict:
+  """``{path: {attribute: value}}``: the shape attributes of every layer of a known type, from its
+  (already written) variables (a complete table, so that it also rebuilds a module pruned twice)."""
+  old = {k: tuple(v.shape) for k, v in leaves_by_path(old_shapes).items()}
+  layers = {}
+  for path, m in nnx.iter_modules(model):
+    name = "/".join(map(str, path))
+    rule = next((r for cls, r in RULES if isinstance(m, cls)), None)
+    if rule is None:
+      changed = [f"{k} {old.get(_path_key(c, path + (k,)))} -> {_shape(m, k)}" for k, v in vars(m).items()
+                 for c, cls in COLLECTIONS.items()
+                 if isinstance(v, cls) and old.get(_path_key(c, path + (k,))) not in (None, _shape(m, k))]
+      if changed:
+        notes.append(f"{name or '<top>'}: a layer type whose widths this does not know ({type(m).__qualname__}: "
+                     f"{', '.join(changed)}), assumed to take them from its input")
+      continue
+    try:
+      attrs = rule(m)
+    except ValueError as err:
+      problems.append(f"{name or '<top>'}: {err}")
+      continue
+    if attrs:
+      layers[name] = {k: _json(v) for k, v in attrs.items()}
+  return dict(sorted(layers.items()))
+
+
+def _json(value):
+  return [int(x) for x in value] if isinstance(value, (tuple, list)) else value
+
+
+# -- narrowing ------------------------------------------------------------------------------------
+
+def _locate(model, path: str):
+  """``(parent, key)`` of the module at ``path`` ("blocks/0/conv")."""
+  parts = path.split("/")
+  node = model
+  for part in parts[:-1]:
+    node = node[int(part)] if isinstance(node, (list, nnx.List)) else getattr(node, part)
+  last = parts[-1]
+  return node, int(last) if isinstance(node, (list, nnx.List)) else last
+
+
+def narrow_nnx(model: nnx.Module, plan: Mapping, variables: Optional[Mapping] = None) -> nnx.Module:
+  """Narrow ``model`` in place by ``plan`` and return it: the removed blocks' modules become
+  ``Skipped``, the listed attributes are set, and ``variables``, e.g. restored from a checkpoint,
+  are written into its variables: either ``{"params": ..., "batch_stats": ...}`` nested dicts (as
+  ``materialize_traced`` and ``trace_nnx`` give them) or the pruned module's own state
+  (``nnx.state(pruned)`` or its ``nnx.to_pure_dict``, as one saves an NNX module). Raises
+  ``ValueError`` when a path of the plan is not in ``model`` or ``variables`` misses one of its
+  variables."""
+  _check_plan(plan)
+  if plan.get("class") not in (None, type(model).__qualname__):
+    raise ValueError(f"the pruning plan was made for class {plan['class']!r}, not {type(model).__qualname__!r}")
+  for path in plan["removed_blocks"]:
+    try:
+      parent, key = _locate(model, path)
+      if isinstance(key, int):
+        parent[key] = Skipped()
+      else:
+        getattr(parent, key)
+        setattr(parent, key, Skipped())
+    except (AttributeError, IndexError, ValueError) as err:
+      raise ValueError(f"pruning plan removes block {path!r}, which {type(model).__qualname__} does not have ({err})")
+  modules = {"/".join(map(str, p)): m for p, m in nnx.iter_modules(model)}
+  for path, attrs in plan["layers"].items():
+    if path not in modules:
+      raise ValueError(f"pruning plan narrows layer {path!r}, which {type(model).__qualname__} does not have")
+    for k, v in attrs.items():
+      setattr(modules[path], k, tuple(v) if isinstance(v, list) else v)
+  if variables is not None:
+    if isinstance(variables, nnx.State):
+      variables = nnx.to_pure_dict(variables)
+    missing: list = []
+    _write(model, leaves_by_path(variables), missing, by_collection=set(variables) <= set(COLLECTIONS))
+    if missing:
+      raise ValueError(f"the variables given have no {missing[0]} (and {len(missing) - 1} more) of the narrowed module")
+  return model
+
+
+def materialize_nnx(net: TracedNetwork, variables, masks: Mapping, *example_inputs,
+                    tol: float = 1e-5) -> tuple[nnx.Module, RebuildReport]:
+  """``(module, report)``: a smaller NNX module of the user's classes for ``masks``.
+
+  ``net`` and ``variables`` come from ``trace_nnx``. The module's variables are those of
+  ``materialize_traced`` (removed blocks and channels gone); ``report.plan`` rebuilds it with
+  ``narrow_nnx``. Checked against the ``PrunedNetwork`` on ``example_inputs`` (default: random,
+  shaped like the traced ones) in eval and train mode, outputs and updated statistics to ``tol``.
+  Raises ``RebuildError`` naming each module that cannot be materialized and why.
+  """
+  adapter = net.model
+  if not isinstance(adapter, NnxNetwork):
+    raise TypeError(f"materialize_nnx needs a network traced by trace_nnx, got one of {type(adapter).__qualname__}")
+  inputs = _concrete_inputs(net, example_inputs)
+  # sliced as NumPy arrays (no gather compiled per leaf shape), then back on the device
+  pruned, small_vars = materialize_traced(net, jax.tree_util.tree_map(np.asarray, variables), masks, *inputs)
+  small_vars = jax.tree_util.tree_map(jnp.asarray, small_vars)
+  calls = _record_calls(adapter, variables, inputs, net.modes)
+  removed, problems = removed_block_modules(net, masks, calls, inputs, _shapes(small_vars))
+  notes: list = []
+  plan = None
+  if not problems:
+    model = adapter.merge()
+    cls = type(model)
+    skipped = ["/".join(map(str, p)) for p, m in nnx.iter_modules(model) if isinstance(m, Skipped)]  # pruned before
+    plan = {"format": PLAN_FORMAT, "class": cls.__qualname__, "layers": {}, "removed_blocks": sorted(skipped + removed)}
+    missing: list = []
+    narrow_nnx(model, plan)
+    _write(model, leaves_by_path(small_vars), missing)
+    if missing:
+      problems.append(f"{missing[0]}: a variable the pruning dropped, though its module is not a removed block")
+    plan["layers"] = _layer_widths(model, net.var_shapes, problems, notes)
+  diffs: dict = {}
+  if not problems:
+    model = narrow_nnx(adapter.merge(), plan, small_vars)  # what a checkpoint restores
+    problems, diffs = _check(NnxNetwork.of(model), pruned, small_vars, inputs, net.modes, tol)
+    problems += notes if problems else []
+  if problems:
+    raise RebuildError(problems)
+  return model, RebuildReport(True, copy.deepcopy(plan), [], diffs, notes)
+
+
+def _check(small: NnxNetwork, reference, small_vars, inputs, modes: Mapping, tol: float) -> tuple[list, dict]:
+  want = {k: tuple(v.shape) for k, v in leaves_by_path(small_vars).items()}
+  got = {k: tuple(np.shape(v)) for k, v in leaves_by_path(small.variables()).items()}
+  for p in sorted(set(want) | set(got)):
+    if want.get(p) != got.get(p):
+      return [f"{p}: the materialized module has shape {got.get(p)}, the pruned variables {want.get(p)}"], {}
+  problems, diffs = [], {}
+  own_vars = small.variables()
+  for mode, kw in modes.items():
+    if mode not in ("eval", "train"):
+      continue
+    ref_kw = {"train": mode == "train", "mutable": kw.get("mutable", False)}
+    ref = jax.jit(lambda v, x: reference.apply(v, *x, **ref_kw))(small_vars, tuple(inputs))
+    try:
+      out = jax.jit(lambda v, x, kw=kw: small.apply(v, *x, **kw))(own_vars, tuple(inputs))
+    except Exception as err:  # noqa: BLE001 - any failure of user code means: not materializable
+      problems.append(f"<top>: the materialized module fails in {mode} mode: {type(err).__name__}: "
+                      f"{str(err).splitlines()[0]}")
+      continue
+    diffs[mode] = _max_diff(leaves_by_path({"out": out}), leaves_by_path({"out": ref}))
+    if not diffs[mode] <= tol:
+      problems.append(f"<top>: in {mode} mode the materialized module differs from the pruned program by "
+                      f"{diffs[mode]:.3g} (a width or constant computed in the module's code)")
+  return problems, diffs
