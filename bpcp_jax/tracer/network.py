@@ -281,8 +281,10 @@ def _shrink(decision: PruneDecision, mode: str, inputs) -> _Shrunk:
   # an update (BatchNorm statistics in train mode, which the output does not read) is written
   # back unless computing it needs a variable only a removed block uses
   removed = {p for name, b in coupling.block_sites[program].items() if not decision.keep_blocks[name] for p in b.params}
-  written = [(p, program.outvars[j]) for p, j in upd.items() if p in live_paths or not removed & {
-      var_ids.get(v) for v in live_values(program, alias, [program.outvars[j]])}]
+  # ... and unless its variable is gone (the materialized variables are those the eval mode reads)
+  kept = _shrink(decision, "eval", inputs).live_paths if mode != "eval" and "eval" in decision.net.modes else None
+  written = [(p, program.outvars[j]) for p, j in upd.items() if (kept is None or p in kept) and (
+      p in live_paths or not removed & {var_ids.get(v) for v in live_values(program, alias, [program.outvars[j]])})]
   live = live_values(program, alias, main_out + [o for _, o in written])
 
   def new_shape(v):

@@ -21,6 +21,7 @@ import importlib.util
 import inspect
 import os
 import sys
+import warnings
 from typing import Any, Mapping, Optional
 
 import jax
@@ -130,18 +131,29 @@ class FlaxNetwork(PrunableNetwork):
 
   @classmethod
   def from_description(cls, desc: Mapping[str, Any], **options) -> "FlaxNetwork":
+    """The network a ``describe()`` output names: the factory's module narrowed by the stored plan
+    when it was rebuilt as its own class, else the prunings replayed on the traced program."""
     src = desc["source"]
     net = cls.from_factory(src["factory"], src["num_classes"], desc["input_shape"], src.get("kwargs"))
+    if desc.get("plan"):
+      from bpcp_jax.tracer.rebuild import narrow
+
+      return dataclasses.replace(net, module=narrow(net.module, desc["plan"]),
+                                 prunings=tuple(dict(p) for p in desc.get("prunings", ())))
     for decision in desc.get("prunings", ()):
       net = net._apply_decision(decision)
     return net
 
   def describe(self) -> dict[str, Any]:
+    """The factory, the prunings applied since (kept channels per group, kept blocks) and, when the
+    pruned network is the user's class narrowed, its plan (widths per layer, removed blocks)."""
+    from bpcp_jax.tracer.rebuild import plan_of
+
     if self.source is None:
       raise ValueError("this network was not made from a factory, so a checkpoint cannot rebuild it; "
                        "give the model as 'path/to/file.py:function'")
     return {"kind": "flax", "source": dict(self.source), "input_shape": list(self.input_shape),
-            "prunings": [dict(p) for p in self.prunings]}
+            "prunings": [dict(p) for p in self.prunings], "plan": plan_of(self.module)}
 
   # -- the trace -----------------------------------------------------------------------------
   def example(self, batch: int = 2):
@@ -224,19 +236,32 @@ class FlaxNetwork(PrunableNetwork):
     from bpcp_jax.tracer.network import materialize_traced
 
     zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), self.variable_shapes())
-    small, _ = materialize_traced(self.traced, zeros, self._masks_of(decision))
-    return dataclasses.replace(self, module=small, prunings=self.prunings + (decision,), _traced=None,
+    masks = self._masks_of(decision)
+    _, small_vars = materialize_traced(self.traced, zeros, masks)
+    return self._smaller(small_vars, masks, decision)
+
+  def _smaller(self, small_vars, masks, decision) -> "FlaxNetwork":
+    """The pruned network as the user's own class, narrower (``tracer.rebuild``), or as the traced
+    program (``PrunedNetwork``) when the class cannot be rebuilt, which is said once on stdout."""
+    from bpcp_jax.tracer.rebuild import RebuildWarning, rebuild
+
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", RebuildWarning)  # said below, in one line
+      module, report = rebuild(self.traced, small_vars, masks)
+    if not report.rebuilt and jax.process_index() == 0:
+      print(f"[materialize] {self.label}: kept as the traced program (PrunedNetwork), not rebuilt as "
+            f"{type(self.module).__name__}: {'; '.join(report.problems)}", flush=True)
+    return dataclasses.replace(self, module=module, prunings=self.prunings + (decision,), _traced=None,
                                _var_shapes=None)
 
   def materialize(self, variables, masks, opt_state=None):
     from bpcp_jax.tracer.network import materialize_traced
 
     if opt_state is not None:
-      small, small_vars, small_opt = materialize_traced(self.traced, variables, masks, opt_state=opt_state)
+      _, small_vars, small_opt = materialize_traced(self.traced, variables, masks, opt_state=opt_state)
     else:
-      small, small_vars = materialize_traced(self.traced, variables, masks)
-    net = dataclasses.replace(self, module=small, prunings=self.prunings + (self._decision(masks),),
-                              _traced=None, _var_shapes=None)
+      _, small_vars = materialize_traced(self.traced, variables, masks)
+    net = self._smaller(small_vars, masks, self._decision(masks))
     return (net, small_vars) if opt_state is None else (net, small_vars, small_opt)
 
   def channel_importance(self, variables, criterion, *, reduce="max", key=None, masks=None):
