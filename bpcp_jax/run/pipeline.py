@@ -1,12 +1,18 @@
 """The BPCP stages in order: pretrain -> block search -> fine-tune -> channel prune -> fine-tune.
 
-``run_pipeline`` reads a config, loads the data once, and runs the configured stages, each in
-its own checkpoint directory. The output of one stage (a spec and its variables, plus the gate
-logits after the search) is the input of the next; the block decisions and the channel
-selection are materialized between stages, so every fine-tune trains an ordinary, smaller
-network. With ``resume=True`` finished stages are read back from their final checkpoints and
-an interrupted stage continues from its last checkpoint. At the end the run directory gets
-``summary.json`` and ``report.md``.
+``run_pipeline`` reads a config, checks everything it can before any compute (the config, the
+run directory, the ``--from`` checkpoint, the data), says what it is about to run, and runs the
+configured stages, each in its own checkpoint directory. The output of one stage (a spec and
+its variables, plus the gate logits after the search) is the input of the next; the block
+decisions and the channel selection are materialized between stages, so every fine-tune
+trains an ordinary, smaller network. At the end the run directory gets ``summary.json`` and
+``report.md``.
+
+``resume=True`` continues the run in the directory: its settings must equal the run's
+``config.json`` (the differing keys are named otherwise), a finished run (``summary.json``) is
+left as it is, finished stages are read back from their final checkpoints and an interrupted
+stage continues from its newest readable checkpoint (a damaged one is skipped with a warning,
+and with none left the stage starts again), so the run ends where an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -14,27 +20,32 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Optional
+import warnings
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from bpcp_jax.training import data, parallel, steps
-from bpcp_jax.pruning.channel_prune import format_report, prune_channels
-from bpcp_jax.training.checkpoint import CheckpointError, StageCheckpoints, spec_from_meta
-from bpcp_jax.run.config import STAGES, check_config, stage_list
-from bpcp_jax.training.loop import MetricsLog, StageRun, evaluate, train_stage
-from bpcp_jax.pruning.masks import init_masks
+from bpcp_jax.families.counting import count_params_macs
 from bpcp_jax.families.materialize import materialize
 from bpcp_jax.families.resnet import ResNet
-from bpcp_jax.families.structure import group_widths
-from bpcp_jax.training.optim import lr_schedule, make_optimizer
 from bpcp_jax.families.spec import ArchSpec, dense_spec, parse_model_name
+from bpcp_jax.families.structure import group_widths
+from bpcp_jax.pruning.channel_prune import format_report, prune_channels
+from bpcp_jax.pruning.masks import init_masks
+from bpcp_jax.run.config import (RESUME_FREE_KEYS, STAGES, ConfigError, check_config, config_differences,
+                                 stage_list)
+from bpcp_jax.training import data, parallel, steps
+from bpcp_jax.training.checkpoint import (CheckpointError, CheckpointWarning, StageCheckpoints, read_stage_checkpoint,
+                                          spec_from_meta)
+from bpcp_jax.training.loop import MetricsLog, StageRun, evaluate, train_stage
+from bpcp_jax.training.optim import lr_schedule, make_optimizer
 
 TRAINING_STAGES = ("pretrain", "search", "finetune_blocks", "finetune_channels")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+RUN_FILES = ("config.json", "summary.json", "metrics.jsonl")
 
 
 @dataclasses.dataclass
@@ -55,6 +66,7 @@ class RunContext:
   train: data.Split
   test: data.Split
   progress: bool
+  log: Callable[[str], None] = print
 
   def stage_dir(self, stage: str) -> str:
     return os.path.join(self.workdir, "checkpoints", stage)
@@ -106,6 +118,21 @@ def check_run_config(config) -> None:
       raise ValueError(f"config key 'stages.{s}.epochs' must be >= 0, got {config.stages[s].epochs}")
   if config.optim.schedule not in ("step", "cosine", "constant"):
     raise ValueError(f"config key 'optim.schedule' = {config.optim.schedule!r} is not one of step, cosine, constant")
+  if config.profile.repeats < 1:
+    raise ValueError(f"config key 'profile.repeats' must be >= 1, got {config.profile.repeats}")
+  profile_batch_sizes(config)
+
+
+def profile_batch_sizes(config) -> tuple[int, ...]:
+  """The batch sizes of ``profile.batch_sizes`` ("1,128")."""
+  text = str(config.profile.batch_sizes)
+  try:
+    sizes = tuple(int(b) for b in text.split(",") if b.strip())
+  except ValueError:
+    sizes = ()
+  if not sizes or min(sizes) < 1:
+    raise ValueError(f"config key 'profile.batch_sizes' = {text!r} must list positive batch sizes, e.g. '1,128'")
+  return sizes
 
 
 def load_data(config, data_path: Optional[str] = None, progress: bool = True) -> tuple[data.Split, data.Split]:
@@ -117,7 +144,9 @@ def load_data(config, data_path: Optional[str] = None, progress: bool = True) ->
     test = data.load_image_folder(path, "test", max_per_class=d.max_test_per_class or None, **kw)
     data.check_same_classes(train, test)
   else:
-    train, test = data.load_dataset(d.source, data_dir=d.tfds_data_dir or None)
+    train, test = data.load_dataset(d.source, data_dir=d.tfds_data_dir or None,
+                                    max_per_class=d.max_train_per_class or None,
+                                    max_test_per_class=d.max_test_per_class or None)
   if len(train.class_names) != config.num_classes:
     raise ValueError(f"config key 'num_classes' = {config.num_classes} but the data has "
                      f"{len(train.class_names)} classes ({', '.join(train.class_names[:5])}, ...)")
@@ -128,21 +157,169 @@ def _stage_key(config, stage: str) -> np.ndarray:
   return np.asarray(jax.random.fold_in(jax.random.PRNGKey(config.seed), STAGES.index(stage)))
 
 
-def _open_stage(ctx: RunContext, stage: str, spec: ArchSpec, spec_key: str = "spec"):
-  """The stage's checkpoints and, if any exist, their latest meta (checked against this run's input)."""
-  ckpt = StageCheckpoints(ctx.stage_dir(stage), max_to_keep=ctx.config.checkpoint.keep)
-  if ckpt.latest_step() is None:
-    return ckpt, None
-  meta = ckpt.read_meta()
+# ---------------------------------------------------------------------------------------------
+# before any compute: the run directory, the network to start from, what will run
+
+
+def check_workdir(config, workdir: str, resume: bool) -> Optional[dict[str, Any]]:
+  """Refuse what cannot be done in ``workdir``; nothing is created here.
+
+  Without ``resume`` a directory that holds a run is refused. With ``resume`` the settings must
+  equal the run's ``config.json`` except ``RESUME_FREE_KEYS`` (a ``ConfigError`` names every
+  differing key). Returns the run's summary if it finished (``summary.json``), else None.
+  """
+  workdir = os.path.abspath(workdir)
+  _check_writable(workdir)
+  ck_root = os.path.join(workdir, "checkpoints")
+  used_stages = [s for s in STAGES if os.path.isdir(os.path.join(ck_root, s)) and os.listdir(os.path.join(ck_root, s))]
+  used = used_stages or any(os.path.exists(os.path.join(workdir, f)) for f in RUN_FILES)
+  if not used:
+    return None
+  if not resume:
+    what = f" (checkpoints of {', '.join(used_stages)})" if used_stages else ""
+    raise CheckpointError(f"{workdir} already holds a run{what}; pass --resume to continue that run "
+                          "or choose a new --workdir")
+  saved_path = os.path.join(workdir, "config.json")
+  if os.path.isfile(saved_path):
+    try:
+      with open(saved_path) as f:
+        saved = json.load(f)
+    except (OSError, ValueError) as e:
+      raise ConfigError(f"cannot read the run's settings {saved_path}: {e}") from e
+    diff = config_differences(saved, config)
+    if diff:
+      lines = "; ".join(f"{k}: run {a!r}, now {b!r}" for k, a, b in diff)
+      raise ConfigError(f"--resume with settings that differ from the run in {workdir} (config.json): {lines}. "
+                        f"Resume with the run's settings (omit --config to use its config.json), or start the "
+                        f"changed run in a new --workdir; only {', '.join(RESUME_FREE_KEYS)} may change")
+  summary_path = os.path.join(workdir, "summary.json")
+  if os.path.isfile(summary_path):
+    try:
+      with open(summary_path) as f:
+        return json.load(f)
+    except (OSError, ValueError):
+      return None  # unreadable: the run computes its summary again
+  return None
+
+
+def _check_writable(workdir: str) -> None:
+  """The directory, or the nearest existing folder above it, must be a writable directory."""
+  path = workdir
+  while not os.path.exists(path):
+    parent = os.path.dirname(path)
+    if parent == path:
+      break
+    path = parent
+  if not os.path.isdir(path):
+    raise NotADirectoryError(20, "not a directory, so the work directory cannot be made there", path)
+  if not os.access(path, os.W_OK):
+    raise PermissionError(13, "not writable", path)
+
+
+@dataclasses.dataclass
+class StartNetwork:
+  """The network the run starts from and what it is (the first row of the report)."""
+
+  output: StageOutput
+  label: str
+  source: Optional[str] = None  # the --from directory
+
+
+def start_network(config, input_dir: Optional[str] = None) -> StartNetwork:
+  """The initialised dense network of ``config.model``, or the network of a stage checkpoint."""
+  if input_dir:
+    tree, meta = read_stage_checkpoint(input_dir)
+    spec = spec_from_meta(meta, where=input_dir)
+    variables = {"params": tree["params"], "batch_stats": tree.get("batch_stats") or {}}
+    gates = (tree.get("gates") or {}) if meta.get("mode") == "search" else {}
+    # a searched network's recorded accuracy is under its gates; the network itself is measured anew
+    out = StageOutput(spec, variables, gates, None if gates else meta.get("accuracy"))
+    what = "all blocks, before the block decisions" if gates else f"{spec.num_blocks} blocks"
+    return StartNetwork(out, f"input: {meta.get('stage', '?')} checkpoint ({what})", os.path.abspath(input_dir))
+  spec = dense_spec(*parse_model_name(config.model), config.num_classes)
+  model = build_model(config, spec)
+  variables = model.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, 32, 32, 3), jnp.float32), train=False)
+  return StartNetwork(StageOutput(spec, dict(variables), {}, None), "dense, initialised")
+
+
+def check_stage_inputs(stages: list[str], start: StartNetwork) -> None:
+  """Stages that cannot do anything with the start network are refused before any compute."""
+  if "search" in stages and start.output.spec.num_blocks == 0:
+    where = f"the network from {start.source}" if start.source else "this network"
+    raise ValueError(f"{where} has no residual blocks left: a block search has nothing to decide; "
+                     "run prune-channels or finetune on it instead")
+
+
+def describe_run(config, stages: list[str], start: StartNetwork, workdir: str, resume: bool,
+                 data_path: Optional[str]) -> list[str]:
+  """What the run is about to do, one line each: network, stages and epochs, data, devices."""
+  counts = count_params_macs(start.output.spec)
+  source = f" from {start.source}" if start.source else ""
+  lines = [f"network: {config.model if not start.source else start.label}{source}: {counts['params']:,} params, "
+           f"{counts['macs'] / 1e6:,.2f}M MACs, {start.output.spec.num_blocks} blocks"]
+  parts = []
+  for s in stages:
+    if s == "prune":
+      p = config.stages.prune
+      what = (f"speed-aware, cost {p.cost}" if p.selection == "speed" else p.criterion)
+      target = f"to {p.latency_ms} ms" if p.selection == "speed" and p.latency_ms > 0 else f"{p.ratio:.0%} of {p.target}"
+      parts.append(f"prune ({what}, {target})")
+      continue
+    sc = config.stages[s]
+    if sc.epochs == 0:
+      parts.append(f"{s} (0 epochs: skipped)")
+      continue
+    extra = f", gamma {sc.gamma}, gate lr {config.optim.gate_lr}" if s == "search" else ""
+    parts.append(f"{s} {sc.epochs} epoch{'s' if sc.epochs != 1 else ''} (lr {sc.lr}{extra})")
+  lines.append("stages: " + " -> ".join(parts))
+  d = config.data
+  if d.source == "folder":
+    src = f"folder {data_path or d.path or data.default_data_path()}"
+  else:
+    src = d.source
+  limits = [f"{n} {what}" for n, what in ((d.max_train_per_class, "train"), (d.max_test_per_class, "test")) if n]
+  lines.append(f"data: {src}" + (f", at most {' and '.join(limits)} images per class" if limits else ", every image"))
+  n_dev = jax.device_count()
+  lines.append(f"devices: {n_dev} x {jax.devices()[0].platform} ({jax.process_count()} process"
+               f"{'es' if jax.process_count() > 1 else ''}), batch {config.batch_size} "
+               f"({config.batch_size // n_dev} per device)")
+  lines.append(f"run directory: {os.path.abspath(workdir)}{' (resuming)' if resume else ''}")
+  return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# stages
+
+
+def _check_stage_meta(ckpt: StageCheckpoints, meta: dict, stage: str, spec: ArchSpec, spec_key: str, model: str):
   if meta.get("stage") != stage:
     raise CheckpointError(f"{ckpt.directory} holds checkpoints of stage {meta.get('stage')!r}, not {stage!r}")
   if spec_from_meta({"spec": meta.get(spec_key)}, ckpt.directory) != spec:
     raise CheckpointError(f"{ckpt.directory} holds a checkpoint of another architecture than this run's "
-                          f"{stage} stage (model {ctx.config.model}); use another --workdir")
+                          f"{stage} stage (model {model}); use another --workdir")
+
+
+def resume_point(ctx: RunContext, stage: str, spec: ArchSpec, target_state=None, spec_key: str = "spec"):
+  """The stage's checkpoints and the newest readable one: ``(ckpt, (state, meta) or None)``.
+
+  Checkpoints of another stage or architecture are an error; unreadable ones are skipped
+  (warned, moved aside); with none left the stage starts again (said so).
+  """
+  ckpt = StageCheckpoints(ctx.stage_dir(stage), max_to_keep=ctx.config.checkpoint.keep)
+  if not ckpt.all_steps():
+    return ckpt, None
   if not ctx.resume:
     raise CheckpointError(f"{ckpt.directory} already has checkpoints; pass --resume to continue that run "
                           "or choose a new --workdir")
-  return ckpt, meta
+  found = ckpt.restore_newest(
+      target_state, check=lambda meta: _check_stage_meta(ckpt, meta, stage, spec, spec_key, ctx.config.model))
+  if found is None:
+    ctx.log(f"[{stage}] no readable checkpoint left in {ckpt.directory}: the stage starts again from its beginning")
+    return ckpt, None
+  state, meta, step = found
+  if ckpt.skipped:
+    ctx.log(f"[{stage}] resuming from checkpoint {ckpt.step_dir(step)} (step {step}), the newest readable one")
+  return ckpt, (state, meta)
 
 
 def run_training_stage(ctx: RunContext, stage: str, inp: StageOutput) -> StageOutput:
@@ -156,15 +333,12 @@ def run_training_stage(ctx: RunContext, stage: str, inp: StageOutput) -> StageOu
                       gate_learning_rate=lr_schedule(config.optim.gate_lr, total, config.optim.schedule))
   gates = (inp.gates or init_masks(inp.spec)["blocks"]) if mode == "search" else {}
   state = steps.create_train_state(inp.variables, tx, _stage_key(config, stage), gates=gates)
-  ckpt, meta = _open_stage(ctx, stage, inp.spec)
-  start = 0
+  ckpt, found = resume_point(ctx, stage, inp.spec, state)
+  state, meta = found if found is not None else (state, None)
+  start = int(meta["step"]) if meta else 0
   log = MetricsLog(ctx.metrics_path)
-  later = tuple(STAGES[STAGES.index(stage) + 1:])
-  if meta is not None:
-    state, meta = ckpt.restore(state)
-    start = int(meta["step"])
-  if meta is None or not meta.get("done"):  # this stage (re)trains: its replayed lines and later ones go
-    log.truncate_after(stage, int(meta["epoch"]) if meta else 0, later)
+  if meta is None or not meta.get("done"):  # this stage (re)trains: its replayed lines go
+    log.truncate_after(stage, int(meta["epoch"]) if meta else 0)
   run = StageRun(
       name=stage, model=model, tx=tx, schedule=schedule, mode=mode, epochs=scfg.epochs, train=ctx.train,
       test=ctx.test, batch_size=config.batch_size, eval_batch_size=config.eval_batch_size, seed=config.seed,
@@ -179,6 +353,7 @@ def run_training_stage(ctx: RunContext, stage: str, inp: StageOutput) -> StageOu
   else:
     state, last = train_stage(run, state, start_step=start, start_sums=(meta or {}).get("epoch_sums"))
     accuracy = last.get("accuracy")
+    log.order_stages(STAGES)  # lines of later stages kept from before a damaged checkpoint stay after these
   ckpt.close()
   return StageOutput(inp.spec, {"params": state.params, "batch_stats": state.batch_stats}, dict(state.gates), accuracy)
 
@@ -195,9 +370,9 @@ def materialize_blocks(config, out: StageOutput) -> StageOutput:
 def run_prune_stage(ctx: RunContext, inp: StageOutput) -> StageOutput:
   config, p = ctx.config, ctx.config.stages.prune
   model = build_model(config, inp.spec)
-  ckpt, meta = _open_stage(ctx, "prune", inp.spec, spec_key="input_spec")
-  if meta is not None and meta.get("done"):
-    tree, meta = ckpt.restore_raw()
+  ckpt, found = resume_point(ctx, "prune", inp.spec, spec_key="input_spec")
+  if found is not None and found[1].get("done"):
+    tree, meta = found
     ckpt.close()
     small_spec = ArchSpec.from_dict(meta["pruned_spec"])
     return StageOutput(small_spec, {"params": tree["params"], "batch_stats": tree["batch_stats"]}, {}, None)
@@ -240,61 +415,106 @@ def _speed_report(p, selection) -> str:
   return "\n".join(lines) + "\n\n" + selection.table() + "\n"
 
 
+# ---------------------------------------------------------------------------------------------
+# the whole run
+
+
+def _write_json(path: str, obj) -> None:
+  if jax.process_index() == 0:
+    with open(path, "w") as f:
+      json.dump(obj, f, indent=2, sort_keys=True)
+
+
+def _final_label(start: StageOutput, final: StageOutput, last_stage: str) -> str:
+  """What the last stage made of the first row's network: ``blocks and channels pruned, after prune``."""
+  cut = [what for what, smaller in (("blocks", final.spec.num_blocks < start.spec.num_blocks),
+                                    ("channels", _channels_cut(start.spec, final.spec))) if smaller]
+  return f"{' and '.join(cut) + ' pruned' if cut else 'same architecture'}, after {last_stage}"
+
+
+def _channels_cut(a: ArchSpec, b: ArchSpec) -> bool:
+  """Whether any channel group that ``b`` keeps is narrower than in ``a``."""
+  wa, wb = group_widths(a), group_widths(b)
+  return any(w < wa[g] for g, w in wb.items() if g in wa)
+
+
 def run_pipeline(config, workdir: str, *, resume: bool = False, data_path: Optional[str] = None,
-                 input_dir: Optional[str] = None, progress: bool = True) -> dict[str, Any]:
-  """Run the configured stages in ``workdir``; returns the summary (also written to disk)."""
+                 input_dir: Optional[str] = None, progress: bool = True,
+                 log: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+  """Run the configured stages in ``workdir``; returns the summary (also written to disk).
+
+  Everything that can be refused is refused before the run directory is created: the config,
+  a used directory without ``resume`` or with other settings, the ``--from`` checkpoint, stages
+  that cannot apply to it, the data. ``log`` (default: print on process 0) gets what the run is
+  about to do and what it decided (unsettled block decisions, skipped damaged checkpoints).
+  """
   from bpcp_jax.run import report
 
+  if log is None:
+    log = (lambda s: print(s, flush=True)) if jax.process_index() == 0 else (lambda s: None)
   check_run_config(config)
   stages = stage_list(config)
-  os.makedirs(workdir, exist_ok=True)
-  if not os.access(workdir, os.W_OK):
-    raise PermissionError(f"work directory {workdir} is not writable")
+  finished = check_workdir(config, workdir, resume)
+  if finished is not None:
+    log(f"the run in {os.path.abspath(workdir)} has finished; its summary.json is kept as it is "
+        "(start a new --workdir to run again)")
+    if not os.path.exists(os.path.join(workdir, "report.md")):
+      report.write_report(workdir)
+    return finished
+  start = start_network(config, input_dir)
+  check_stage_inputs(stages, start)
+  for line in describe_run(config, stages, start, workdir, resume, data_path):
+    log(line)
   train, test = load_data(config, data_path, progress=progress)
-  ctx = RunContext(config, os.path.abspath(workdir), resume, train, test, progress)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+  log(f"data loaded: {len(train.labels):,} train and {len(test.labels):,} test images, {len(train.class_names)} classes")
+  os.makedirs(workdir, exist_ok=True)
+  ctx = RunContext(config, os.path.abspath(workdir), resume, train, test, progress, log)
+  if not os.path.exists(os.path.join(workdir, "config.json")):  # a resume never rewrites the run's settings
+    _write_json(os.path.join(workdir, "config.json"), config.to_dict())
 
-  if input_dir:
-    from bpcp_jax.training.checkpoint import load_network
+  with warnings.catch_warnings():
+    warnings.simplefilter("always", CheckpointWarning)  # every damaged checkpoint is named, not only the first
+    current, history, decisions = _run_stages(ctx, stages, start.output)
+  # the first row: the network the pruning starts from (the pretrained one when pretraining ran)
+  first, first_label = start.output, start.label
+  if "pretrain" in history:
+    first = history["pretrain"]
+    first_label = f"{start.label}, after pretrain" if start.source else "dense, pretrained"
+  last_stage = next(reversed(history), None)
+  labels = (first_label, first_label if current is first else _final_label(first, current, last_stage))
+  summary = report.summarize(ctx, first, current, history, labels=labels, decisions=decisions)
+  report.write_report(ctx.workdir)
+  return summary
 
-    net, variables, meta = load_network(input_dir)
-    gates = {}
-    if meta.get("mode") == "search":
-      ckpt = StageCheckpoints(input_dir, read_only=True)
-      tree, _ = ckpt.restore_raw()
-      ckpt.close()
-      gates = tree.get("gates") or {}
-    # a searched network's recorded accuracy is under its gates; the dense one is measured anew
-    current = StageOutput(net.spec, variables, gates, None if gates else meta.get("accuracy"))
-  else:
-    spec = dense_spec(*parse_model_name(config.model), config.num_classes)
-    model = build_model(config, spec)
-    variables = model.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, 32, 32, 3), jnp.float32), train=False)
-    current = StageOutput(spec, dict(variables), {}, None)
 
-  dense = StageOutput(current.spec, current.variables, {}, current.accuracy)  # the network we start from
-  history = {}
+def _run_stages(ctx: RunContext, stages: list[str], current: StageOutput):
+  """Run ``stages`` from ``current``; returns (final output, {stage: output}, block decisions or None)."""
+  from bpcp_jax.run.report import block_decisions
+
+  config, history, decisions = ctx.config, {}, None
+
+  def decide(out: StageOutput) -> StageOutput:
+    nonlocal decisions
+    decisions = block_decisions(out.gates, MetricsLog(ctx.metrics_path).read())
+    for line in decisions["warnings"]:
+      ctx.log(line)
+    return materialize_blocks(config, out)
+
   for stage in stages:
     if stage == "prune":
       if current.gates:  # pruning channels of a searched network: decide its blocks first
-        current = materialize_blocks(config, current)
+        current = decide(current)
       current = run_prune_stage(ctx, current)
     else:
       if stage != "search" and current.gates:
-        current = materialize_blocks(config, current)
+        current = decide(current)
       if config.stages[stage].epochs == 0:
         continue
       current = run_training_stage(ctx, stage, current)
     history[stage] = current
-    if stage == "pretrain":
-      dense = current
   if current.gates:
-    current = materialize_blocks(config, current)
-  summary = report.summarize(ctx, dense, current, history)
-  report.write_report(ctx.workdir)
-  return summary
+    current = decide(current)
+  return current, history, decisions
 
 
 def evaluate_output(config, out: StageOutput, split: data.Split, progress: bool = True) -> float:
