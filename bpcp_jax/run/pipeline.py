@@ -118,6 +118,12 @@ def check_run_config(config) -> None:
       raise ValueError(f"config key 'stages.{s}.epochs' must be >= 0, got {config.stages[s].epochs}")
   if config.optim.schedule not in ("step", "cosine", "constant"):
     raise ValueError(f"config key 'optim.schedule' = {config.optim.schedule!r} is not one of step, cosine, constant")
+  if config.data.source not in ("folder", *data.TFDS_SOURCES):
+    raise ValueError(f"config key 'data.source' = {config.data.source!r} is not one of "
+                     f"{', '.join(('folder', *data.TFDS_SOURCES))}")
+  if config.data.source != "folder" and not data.tfds_available():
+    raise ValueError(f"config key 'data.source' = {config.data.source!r} needs tensorflow_datasets "
+                     "(pip install 'bpcp-jax[tfds]'); offline, use data.source=folder with --data PATH")
   if config.profile.repeats < 1:
     raise ValueError(f"config key 'profile.repeats' must be >= 1, got {config.profile.repeats}")
   profile_batch_sizes(config)
@@ -143,10 +149,10 @@ def load_data(config, data_path: Optional[str] = None, progress: bool = True) ->
     train = data.load_image_folder(path, "train", max_per_class=d.max_train_per_class or None, **kw)
     test = data.load_image_folder(path, "test", max_per_class=d.max_test_per_class or None, **kw)
     data.check_same_classes(train, test)
-  else:
-    train, test = data.load_dataset(d.source, data_dir=d.tfds_data_dir or None,
-                                    max_per_class=d.max_train_per_class or None,
-                                    max_test_per_class=d.max_test_per_class or None)
+  else:  # tfds:<name> (checked by check_run_config)
+    name, data_dir = d.source.split(":", 1)[1], d.tfds_data_dir or None
+    train = data.load_tfds(name, "train", data_dir=data_dir, max_per_class=d.max_train_per_class or None)
+    test = data.load_tfds(name, "test", data_dir=data_dir, max_per_class=d.max_test_per_class or None)
   if len(train.class_names) != config.num_classes:
     raise ValueError(f"config key 'num_classes' = {config.num_classes} but the data has "
                      f"{len(train.class_names)} classes ({', '.join(train.class_names[:5])}, ...)")
@@ -232,8 +238,8 @@ def start_network(config, input_dir: Optional[str] = None) -> StartNetwork:
     spec = spec_from_meta(meta, where=input_dir)
     variables = {"params": tree["params"], "batch_stats": tree.get("batch_stats") or {}}
     gates = (tree.get("gates") or {}) if meta.get("mode") == "search" else {}
-    # a searched network's recorded accuracy is under its gates; the network itself is measured anew
-    out = StageOutput(spec, variables, gates, None if gates else meta.get("accuracy"))
+    # its recorded accuracy may come from another test set (or be under its gates): measured anew
+    out = StageOutput(spec, variables, gates, None)
     what = "all blocks, before the block decisions" if gates else f"{spec.num_blocks} blocks"
     return StartNetwork(out, f"input: {meta.get('stage', '?')} checkpoint ({what})", os.path.abspath(input_dir))
   spec = dense_spec(*parse_model_name(config.model), config.num_classes)

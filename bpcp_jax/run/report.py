@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-SETTLED_MARGIN = 0.25  # a block decision is settled when its keep probability is this far from 0.5
+SETTLED_MARGIN = 0.2  # a block decision is settled when its keep probability is this far from 0.5 (p <= 0.3 or >= 0.7)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ write that step again.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import warnings
@@ -82,6 +83,22 @@ def _drop_closed_loop_callbacks() -> None:
   sys.unraisablehook = hook
 
 
+class _NoMissingMetricNotice(logging.Filter):
+  """Drops orbax's "did not provide metrics" warning: a checkpoint without a test accuracy
+  (mid-epoch, or an epoch without evaluation) is saved on purpose, at every such save."""
+
+  MESSAGE = "Requested `tracked_metric`; did not provide metrics."
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.getMessage() != self.MESSAGE
+
+
+def _quiet_missing_metric_notice() -> None:
+  logger = logging.getLogger("absl")
+  if not any(isinstance(f, _NoMissingMetricNotice) for f in logger.filters):
+    logger.addFilter(_NoMissingMetricNotice())
+
+
 def _has_steps(path: str) -> bool:
   try:
     return any(name.isdigit() for name in os.listdir(path))
@@ -119,6 +136,7 @@ class StageCheckpoints:
     self.max_to_keep = max_to_keep
     self.skipped: list[str] = []  # the unreadable checkpoints found so far (their directories)
     _drop_closed_loop_callbacks()
+    _quiet_missing_metric_notice()
     try:
       self._manager = self._open() if read_only else self._open_writable()
     except (OSError, PermissionError) as e:
