@@ -4,6 +4,7 @@ checkpoints), what the command line says, the reports, and pruned checkpoints.""
 import glob
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -251,6 +252,32 @@ def test_killed_mid_stage_and_resumed_equals_uninterrupted(tiny_run, tmp_path, c
   got_sum = _json(os.path.join(workdir, "summary.json"))
   assert ref_sum["pruned"]["accuracy"] == got_sum["pruned"]["accuracy"]
   assert ref_sum["pruned"]["spec"] == got_sum["pruned"]["spec"]
+
+
+def test_ctrl_c_says_where_it_stopped_and_how_to_resume(tiny_run, tmp_path, cifar_archive):
+  ref, cache, _ = tiny_run
+  work = str(tmp_path / "interrupted")
+  args = ["pipeline", "--config", TINY, "--workdir", work, "--data", cifar_archive, "--no-progress",
+          f"--config.data.cache_dir={cache}"]
+  proc = _cli(args)
+  search = os.path.join(work, "checkpoints", "search")
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:  # Ctrl-C as the search's first checkpoint is written
+    if os.path.isdir(search) and os.listdir(search):
+      break
+    time.sleep(0.002)
+  proc.send_signal(signal.SIGINT)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 130, out
+  assert "Traceback" not in out and "interrupted in stage search at step" in out, out
+  last = out.split("last checkpoint: ")[1].split()[0]
+  assert os.path.dirname(last) == search and os.path.isdir(last), out  # the save in progress was completed
+  command = shlex.split(out.split("resume with: ")[1].splitlines()[0])
+  assert command[0] == "bpcp-jax" and command[1:] == args + ["--resume"], out
+  code, out = _run(command[1:])  # the printed command resumes to the end, bit for bit
+  assert code == 0, out
+  for a, b in zip(jax.tree.leaves(_final_tree(ref)), jax.tree.leaves(_final_tree(work)), strict=True):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_subcommands_chain_from_checkpoints(tiny_run, tmp_path, cifar_archive):

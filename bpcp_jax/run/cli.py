@@ -56,11 +56,11 @@ SHORT_HELP = {"pipeline": "every stage of the config, one after the other", "tra
 EPILOG = "Override any config field with --config.KEY=VALUE, e.g. --config.stages.search.gamma=0.1"
 
 
-def _config_help() -> str:
+def _config_help(resumable: bool) -> str:
   from bpcp_jax.run.config import DEFAULT_CONFIG_TEXT
 
-  return (f"experiment config file (experiments/configs/*.py). Default: {DEFAULT_CONFIG_TEXT}; "
-          "with --resume and no --config, the run's own config.json")
+  return (f"experiment config file (experiments/configs/*.py). Default: {DEFAULT_CONFIG_TEXT}"
+          + ("; with --resume and no --config, the run's own config.json" if resumable else ""))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
       s.add_argument("--data", help="image folder or .tar(.gz) archive for every run")
       s.add_argument("--no-progress", action="store_true", help="no progress bars")
       continue
-    s.add_argument("--config", help=_config_help())
+    s.add_argument("--config", help=_config_help(name in SUBCOMMAND_STAGES))
     if name in SUBCOMMAND_STAGES:
       s.add_argument("--workdir", required=True,
                      help="run directory (config.json, checkpoints/, metrics.jsonl, summary.json, report.md)")
@@ -261,7 +261,7 @@ def _interrupted(error: KeyboardInterrupt, args, argv: Sequence[str]) -> int:
                  f"(epoch {error.epoch} of {error.epochs})")
     last = error.checkpoint or _last_checkpoint(getattr(args, "workdir", None))
   else:
-    lines.append(f"bpcp-jax: interrupted ({args.command})")
+    lines.append(f"bpcp-jax: interrupted ({args.command}, outside a training stage)")
     last = _last_checkpoint(getattr(args, "workdir", None))
   if args.command in SUBCOMMAND_STAGES or args.command == "sweep":
     lines.append(f"last checkpoint: {last}" if last else "no checkpoint was written yet")

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 from typing import Any, Callable, Optional
 
@@ -127,6 +129,29 @@ def stage_dir_hint(directory: str) -> str:
   return f" (did you mean {' or '.join(found[:5])}?)" if found else ""
 
 
+def _finish_before_interrupt(fn, *args, **kwargs):
+  """``fn(*args, **kwargs)`` with Ctrl-C (SIGINT) held back until it returns, then delivered.
+
+  Orbax writes a checkpoint with helper threads; interrupted half-way, they fail at interpreter
+  exit with tracebacks, and the checkpoint is lost anyway. A save takes well under a second for
+  these networks, so the interrupt waits for it: the checkpoint is complete, then the previous
+  SIGINT handler runs (``KeyboardInterrupt``). Outside the main thread signals cannot be held.
+  """
+  if threading.current_thread() is not threading.main_thread():
+    return fn(*args, **kwargs)
+  received = []
+  previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
+  try:
+    return fn(*args, **kwargs)
+  finally:
+    signal.signal(signal.SIGINT, previous)
+    if received:
+      if callable(previous):
+        previous(signal.SIGINT, received[0])
+      elif previous == signal.SIG_DFL:
+        raise KeyboardInterrupt
+
+
 class StageCheckpoints:
   """Checkpoints of one stage: ``save`` after an epoch, ``restore_newest`` to resume."""
 
@@ -197,13 +222,15 @@ class StageCheckpoints:
     if bad:
       raise NonFiniteState(f"refusing to save a non-finite state in {self.directory} (e.g. {bad[0]})")
     try:
-      self._manager.save(
-          step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)),
-          metrics=metrics, force=True)
-      self._manager.wait_until_finished()
+      _finish_before_interrupt(self._save, step, tree, meta, metrics)
     except (OSError, PermissionError) as e:
       raise CheckpointError(f"could not write a checkpoint in {self.directory}: {e}; "
                             "the previous checkpoints are untouched") from e
+
+  def _save(self, step, tree, meta, metrics):
+    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)),
+                       metrics=metrics, force=True)
+    self._manager.wait_until_finished()
 
   # -- reading ---------------------------------------------------------------------------------
 
