@@ -5,7 +5,6 @@ their margins, interleaved timing. In process, on made-up run files: no training
 import json
 import os
 
-import numpy as np
 import pytest
 
 from bpcp_jax.deploy.latency import interleaved_ms, paired_ratio, spread

@@ -426,9 +426,11 @@ def _speed_report(p, selection) -> str:
 
 
 def _write_json(path: str, obj) -> None:
+  """Written whole or not at all (a kill mid-write must not leave a half file that blocks --resume)."""
   if jax.process_index() == 0:
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:
       json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
 
 
 def _final_label(start: StageOutput, final: StageOutput, last_stage: str) -> str:
