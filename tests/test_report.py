@@ -34,7 +34,7 @@ def test_table_rows_say_what_they_are():
   table = report.summary_table(_summary())
   assert "| network | test acc % | params | MACs | blocks | latency b1 ms | latency b8 ms |" in table
   assert "| dense, pretrained |" in table and "| blocks pruned, after prune |" in table and "nan" not in table
-  assert "2 (1.8-2.2)" in table and "speed-up b1 2.00x (1.90-2.10), speed-up b8 3.00x (2.90-3.10)" in table
+  assert "2.00 (1.80-2.20)" in table and "speed-up b1 2.00x (1.90-2.10), speed-up b8 3.00x (2.90-3.10)" in table
   one = report.summary_table(_summary(identical=True))
   assert one.count("| dense, pretrained |") == 1 and "speed-up" not in one and "nothing was pruned" in one
   same = report.summary_table(_summary(same=True))

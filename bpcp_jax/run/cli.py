@@ -187,6 +187,7 @@ def _profile(args, config, source) -> int:
   from bpcp_jax.deploy.profile import profile_networks
   from bpcp_jax.run.config import STAGES
   from bpcp_jax.run.pipeline import profile_batch_sizes
+  from bpcp_jax.run.report import format_ms
   from bpcp_jax.training.checkpoint import load_network
 
   dirs = list(args.input_dirs)
@@ -219,7 +220,7 @@ def _profile(args, config, source) -> int:
     cells = [d, f"{e['params']:,}", f"{e['macs']:,}", str(e["blocks"])]
     for b in batch_sizes:
       s = e["latency_spread_ms"][f"b{b}"]
-      cells.append(f"{s['median']:.3g} ({s['q25']:.3g}-{s['q75']:.3g})")
+      cells.append(f"{format_ms(s['median'])} ({format_ms(s['q25'])}-{format_ms(s['q75'])})")
     for b in batch_sizes:
       if timed == first:  # the reference itself, or the same architecture: by construction
         cells.append("1.00x" + (" (same architecture)" if d != dirs[0] else ""))

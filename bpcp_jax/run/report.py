@@ -168,12 +168,17 @@ def _batch(key: str) -> int:
   return int(key.rsplit("_b", 1)[1])
 
 
+def format_ms(ms: float) -> str:
+  """Milliseconds with three significant digits, never in exponent form (0.684, 7.73, 890, 1,140)."""
+  return f"{ms:,.0f}" if ms >= 100 else f"{ms:.{2 - int(np.floor(np.log10(max(ms, 1e-3))))}f}"
+
+
 def _latency_cell(e: dict, b: int) -> str:
   ms = e.get(f"latency_ms_b{b}")
   if ms is None:
     return ""
   s = (e.get("latency_spread_ms") or {}).get(f"b{b}")
-  return f"{ms:.3g} ({s['q25']:.3g}-{s['q75']:.3g})" if s else f"{ms:.3g}"
+  return f"{format_ms(ms)} ({format_ms(s['q25'])}-{format_ms(s['q75'])})" if s else format_ms(ms)
 
 
 def summary_table(summary: dict[str, Any]) -> str:

@@ -48,7 +48,7 @@ class SweepError(ValueError):
 
 def repo_root() -> str:
   """The checkout this package was installed from (editable install): the parent of bpcp_jax/."""
-  return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # <repo>/bpcp_jax/run/
 
 
 # ---------------------------------------------------------------------------------------------

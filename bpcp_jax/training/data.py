@@ -95,7 +95,7 @@ def default_data_path() -> str:
   env = os.environ.get(DEFAULT_DATA_ENV)
   if env:
     return env
-  repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # <repo>/bpcp_jax/training/
   candidates = [
       os.path.abspath(_DEFAULT_ARCHIVE),
       os.path.normpath(os.path.join(repo_root, _DEFAULT_ARCHIVE)),
