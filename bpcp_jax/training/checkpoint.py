@@ -64,25 +64,38 @@ def _short(error: BaseException) -> str:
 
 
 def _drop_closed_loop_callbacks() -> None:
-  """Silence the echo of a failed restore (installed once per process).
+  """Silence the echoes of a failed restore (installed once per process).
 
-  When one read of a restore fails, orbax closes its event loop while tensorstore still
-  completes the restore's other reads; each completion calls back into the closed loop, and
-  Python reports it as an unraisable ``RuntimeError('Event loop is closed')``: dozens of
-  tracebacks for a checkpoint that is already reported. Exactly those are dropped; every other
-  unraisable exception goes to the previous hook.
+  When one read of a restore fails, orbax stops waiting while tensorstore still completes the
+  restore's other reads: each completion either calls back into orbax's closed event loop
+  (Python reports an unraisable ``RuntimeError('Event loop is closed')``) or leaves an asyncio
+  task whose exception nobody retrieves (asyncio logs "Task exception was never retrieved" with
+  a traceback): dozens of tracebacks for a checkpoint already reported. Exactly those are
+  dropped; every other unraisable exception and log record goes on as before.
   """
   previous = sys.unraisablehook
-  if getattr(previous, "drops_closed_loop_callbacks", False):
-    return
+  if not getattr(previous, "drops_closed_loop_callbacks", False):
+    def hook(args):
+      if isinstance(args.exc_value, RuntimeError) and str(args.exc_value) == "Event loop is closed":
+        return
+      previous(args)
 
-  def hook(args):
-    if isinstance(args.exc_value, RuntimeError) and str(args.exc_value) == "Event loop is closed":
-      return
-    previous(args)
+    hook.drops_closed_loop_callbacks = True
+    sys.unraisablehook = hook
+  logger = logging.getLogger("asyncio")
+  if not any(isinstance(f, _NoUnretrievedReadErrors) for f in logger.filters):
+    logger.addFilter(_NoUnretrievedReadErrors())
 
-  hook.drops_closed_loop_callbacks = True
-  sys.unraisablehook = hook
+
+class _NoUnretrievedReadErrors(logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" for tensorstore read errors."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if not str(record.msg).startswith("Task exception was never retrieved"):
+      return True
+    error = record.exc_info[1] if record.exc_info else None
+    text = str(error) if error is not None else record.getMessage()
+    return not (isinstance(error, UNREADABLE) or error is None) or not ("Error reading" in text or "Error opening" in text)
 
 
 class _NoMissingMetricNotice(logging.Filter):
