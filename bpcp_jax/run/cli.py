@@ -260,12 +260,13 @@ def _interrupted(error: KeyboardInterrupt, args, argv: Sequence[str]) -> int:
   if isinstance(error, StageInterrupted):
     lines.append(f"bpcp-jax: interrupted in stage {error.stage} at step {error.step} "
                  f"(epoch {error.epoch} of {error.epochs})")
-    last = error.checkpoint or _last_checkpoint(getattr(args, "workdir", None))
+    last = error.checkpoint or (_last_checkpoint(args.workdir) if args.command != "sweep" else None)
   else:
     lines.append(f"bpcp-jax: interrupted ({args.command}, outside a training stage)")
-    last = _last_checkpoint(getattr(args, "workdir", None))
-  if args.command in SUBCOMMAND_STAGES or args.command == "sweep":
+    last = _last_checkpoint(getattr(args, "workdir", None)) if args.command != "sweep" else None
+  if args.command in SUBCOMMAND_STAGES or (args.command == "sweep" and last):
     lines.append(f"last checkpoint: {last}" if last else "no checkpoint was written yet")
+  if args.command in SUBCOMMAND_STAGES or args.command == "sweep":  # a sweep continues where it stopped
     lines.append(f"resume with: {_resume_command(argv, args.command)}")
   print("\n".join(lines), file=sys.stderr, flush=True)
   return 130
