@@ -223,6 +223,16 @@ def _figure(size):
   return fig, fig.add_subplot()
 
 
+def _epoch_axis(ax, xs) -> None:
+  """Whole epochs on the x axis, a lone point in the middle of a one-epoch-wide axis."""
+  xs = sorted(set(xs))
+  if len(xs) <= 20:
+    ax.set_xticks(xs)
+  else:
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+  ax.set_xlim(xs[0] - 0.5, xs[-1] + 0.5)
+
+
 def plot_accuracy(records: Sequence[dict]):
   """Train (dashed) and test (solid) accuracy of every training stage, epochs laid end to end;
   None when no stage trained."""
@@ -240,7 +250,7 @@ def plot_accuracy(records: Sequence[dict]):
     if test:
       ax.plot(*zip(*test), "s-", ms=4, color=color, label=f"{stage} test")
     x0 = xs[-1]
-  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+  _epoch_axis(ax, [x for line in ax.get_lines() for x in line.get_xdata()])
   ax.set_xlabel("epoch (all stages)")
   ax.set_ylabel("accuracy")
   ax.grid(alpha=0.3)
@@ -261,7 +271,7 @@ def plot_gates(records: Sequence[dict]):
     ax.plot(epochs, [r["gate_probs"].get(n, np.nan) for r in search], "o-", ms=4, label=n)
   ax.axhline(0.5, color="k", lw=0.8, ls=":")
   ax.set_ylim(-0.02, 1.02)
-  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+  _epoch_axis(ax, epochs)
   ax.set_xlabel("search epoch")
   ax.set_ylabel("keep probability")
   ax.legend(fontsize=6, ncol=max(1, len(names) // 12 + 1))
