@@ -118,13 +118,9 @@ def test_unwritable_workdir(tmp_path, cifar_archive):
                       "--no-progress"), str(blocker))
 
 
-def _fake_checkpoint(directory, model_name, stage, drop_blocks=False):
+def _fake_checkpoint(directory, model_name, stage):
   model = bp.create_model(model_name)
   variables = model.init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32), train=False)
-  if drop_blocks:  # every residual block removed
-    masks = bp.init_masks(model)
-    masks["blocks"] = {k: jax.numpy.asarray(-1.0) for k in masks["blocks"]}
-    model, variables = bp.materialize(model, variables, masks)
   state = steps.create_train_state(variables, make_optimizer(0.1), jax.random.PRNGKey(0))
   ck = StageCheckpoints(directory)
   ck.save(2, state, {"spec": model.spec.to_dict(), "stage": stage, "epoch": 0, "step": 2, "done": False})
@@ -147,12 +143,16 @@ def test_from_a_directory_that_is_not_a_checkpoint(tmp_path, cifar_archive):
                       "--no-progress"), str(tmp_path / "nothing"))
 
 
-def test_search_blocks_on_a_network_without_blocks(tmp_path, cifar_archive):
-  src = str(tmp_path / "noblocks" / "checkpoints" / "finetune_channels")
-  _fake_checkpoint(src, "resnet_v1_8", "finetune_channels", drop_blocks=True)
-  _assert_error(*_cli("search-blocks", "--config", TINY, "--workdir", str(tmp_path / "bp"), "--from", src,
-                      "--data", cifar_archive, "--no-progress"), src, "no residual blocks", "prune-channels")
-  assert not os.path.exists(tmp_path / "bp")
+def test_search_blocks_on_a_network_without_blocks():
+  from bpcp_jax.run.pipeline import StageOutput, StartNetwork, check_stage_inputs
+
+  spec = bp.create_model("resnet_v1_8").spec.to_dict()
+  for stage in spec["stages"]:
+    stage["blocks"] = []  # every residual block removed
+  start = StartNetwork(StageOutput(bp.ArchSpec.from_dict(spec), {}, {}), "input", "runs/x/checkpoints/finetune_channels")
+  with pytest.raises(ValueError, match="network from runs/x/checkpoints/finetune_channels has no residual blocks left"):
+    check_stage_inputs(["search", "finetune_blocks"], start)
+  check_stage_inputs(["prune", "finetune_channels"], start)  # channels can still be pruned
 
 
 @pytest.mark.parametrize("command, own, foreign", [
