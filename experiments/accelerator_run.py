@@ -737,9 +737,9 @@ def write_plots(path: str, rows: list[dict], metrics: list[dict]) -> bool:
   ax.set_ylabel("inference speed-up")
   ax.set_title("materialized networks")
   if metrics:
-    plot_accuracy(axes[1, 0], metrics)
+    plot_accuracy(metrics, ax=axes[1, 0])
   axes[1, 0].set_title("recipe: accuracy")
-  if not plot_gates(axes[1, 1], metrics):
+  if plot_gates(metrics, ax=axes[1, 1]) is None:
     axes[1, 1].text(0.5, 0.5, "no search epoch", ha="center")
   axes[1, 1].set_title("block search: keep probabilities")
   fig.tight_layout()

@@ -58,8 +58,9 @@ def _assert_error(code, out, *needles):
     assert n in out, (n, out)
 
 
-def test_missing_data_path(run_args):
+def test_missing_data_path(run_args, tmp_path):
   _assert_error(*_cli(*run_args, "--data", "/nonexistent/cifar.tar.gz"), "/nonexistent/cifar.tar.gz")
+  assert not os.path.exists(tmp_path / "run")  # a refused command leaves no run directory behind
 
 
 def test_empty_data_dir(run_args, tmp_path):
@@ -71,6 +72,7 @@ def test_empty_data_dir(run_args, tmp_path):
 def test_corrupt_image_is_named(run_args, tmp_path):
   root = _folder(str(tmp_path / "data"), corrupt=("train", "cat", "1.png"))
   _assert_error(*_cli(*run_args, "--data", root), "1.png", "cat")
+  assert not os.path.exists(tmp_path / "run")
 
 
 def test_wrong_image_size_is_named(run_args, tmp_path):
@@ -89,12 +91,14 @@ def test_class_missing_from_a_split(run_args, tmp_path):
     ("--config.stages.prune.ratio=1.5", ("stages.prune.ratio", "1.5")),
     ("--config.stages.search.gamma=-0.1", ("stages.search.gamma", "-0.1")),
     ("--config.stages.prune.criterion=nope", ("nope", "bn_scale")),
-    ("--config.stages.serch.gamma=0.1", ("stages.serch.gamma",)),
+    ("--config.stages.serch.gamma=0.1", ("stages.serch.gamma", "pretrain, prune, run, search", "'stages.search'")),
+    ("--config.stages.search.gama=0.1", ("epochs, gamma, lr", "'stages.search.gamma'")),
     ("--config.batch_size=many", ("batch_size", "many")),
     ("--config.stages.run=pretrain,distill", ("distill", "finetune_channels")),
 ])
-def test_bad_config_values(run_args, cifar_archive, override, needles):
+def test_bad_config_values(run_args, tmp_path, cifar_archive, override, needles):
   _assert_error(*_cli(*run_args, "--data", cifar_archive, override), *needles)
+  assert not os.path.exists(tmp_path / "run")
 
 
 def test_batch_not_divisible_by_devices(run_args, cifar_archive):
@@ -137,3 +141,51 @@ def test_checkpoint_of_another_stage(run_args, tmp_path, cifar_archive):
 def test_from_a_directory_that_is_not_a_checkpoint(tmp_path, cifar_archive):
   _assert_error(*_cli("eval", "--config", TINY, "--from", str(tmp_path / "nothing"), "--data", cifar_archive,
                       "--no-progress"), str(tmp_path / "nothing"))
+
+
+def test_search_blocks_on_a_network_without_blocks():
+  from bpcp_jax.run.pipeline import StageOutput, StartNetwork, check_stage_inputs
+
+  spec = bp.create_model("resnet_v1_8").spec.to_dict()
+  for stage in spec["stages"]:
+    stage["blocks"] = []  # every residual block removed
+  network = bp.FamilyNetwork(bp.ArchSpec.from_dict(spec))
+  start = StartNetwork(StageOutput(network, {}, {}), "input", "runs/x/checkpoints/finetune_channels")
+  with pytest.raises(ValueError, match="network from runs/x/checkpoints/finetune_channels has no residual blocks left"):
+    check_stage_inputs(["search"], start)  # search-blocks alone: nothing to do
+  check_stage_inputs(["search", "finetune_blocks"], start)  # within a longer run the search is skipped (and said)
+  check_stage_inputs(["prune", "finetune_channels"], start)  # channels can still be pruned
+
+
+@pytest.mark.parametrize("command, own, foreign", [
+    ("eval", ["--from", "--config", "--data"], ["--resume", "--workdir", "--stage"]),
+    ("profile", ["--from", "--workdir"], ["--resume", "--data"]),
+    ("train", ["--workdir", "--resume", "--data"], ["--from", "--stage"]),
+    ("finetune", ["--from", "--stage", "--resume"], []),
+])
+def test_each_subcommand_explains_itself_with_its_own_options(capsys, command, own, foreign):
+  from bpcp_jax.run.cli import DESCRIPTIONS, main
+
+  with pytest.raises(SystemExit) as e:
+    main([command, "--help"])
+  assert e.value.code == 0
+  text = capsys.readouterr().out
+  assert "".join(DESCRIPTIONS[command].split()) in "".join(text.split())  # wrapped by argparse
+  assert "Default:thepaper'srecipe:resnet_v2_56" in "".join(text.split())  # what runs without --config
+  for option in own:
+    assert option in text, (command, option)
+  for option in foreign:
+    assert option not in text, (command, option)
+
+
+def test_tfds_source_without_tensorflow_datasets_is_refused(monkeypatch):
+  from bpcp_jax.run.config import apply_overrides, load_config_file
+  from bpcp_jax.run.pipeline import check_run_config
+  from bpcp_jax.training import data
+
+  monkeypatch.setattr(data, "tfds_available", lambda: False)
+  config = apply_overrides(load_config_file(TINY), ["data.source=tfds:cifar10"])
+  with pytest.raises(ValueError, match=r"'tfds:cifar10' needs tensorflow_datasets .* data.source=folder"):
+    check_run_config(config)
+  assert data.usable_source("tfds:cifar10")[0] == "folder" and "not installed" in data.usable_source("tfds:cifar10")[1]
+  assert data.usable_source("folder") == ("folder", "")

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from bpcp_jax.training import data
+from tests.conftest import REPO_ROOT
 from bpcp_jax.training.data import DataError
 
 REAL_ARCHIVE = os.path.normpath(os.path.join(
@@ -331,14 +332,41 @@ def test_load_dataset_folder_checks_classes(tmp_path):
                       progress=False)
 
 
-def test_load_tfds_without_tensorflow_datasets():
-  try:
-    import tensorflow_datasets  # noqa: F401
-  except ImportError:
-    with pytest.raises(ImportError, match=r"pip install bpcp-jax\[tfds\]"):
-      data.load_tfds("cifar10", "train")
-  else:
-    pytest.skip("tensorflow_datasets is installed; the offline error path is not reachable")
+def test_load_tfds_without_tensorflow_datasets(monkeypatch):
+  import builtins
+
+  real_import = builtins.__import__
+
+  def no_tfds(name, *args, **kwargs):
+    if name.startswith("tensorflow_datasets"):
+      raise ImportError("No module named 'tensorflow_datasets'")
+    return real_import(name, *args, **kwargs)
+
+  monkeypatch.setattr(builtins, "__import__", no_tfds)
+  with pytest.raises(ImportError, match=r"pip install bpcp-jax\[tfds\]"):
+    data.load_tfds("cifar10", "train")
+
+
+def test_tfds_path_with_tfds_mock_data():
+  """The tfds source through the pipeline's loader, on tensorflow_datasets' own mock data (no
+  download, no TensorFlow: tfds.data_source reads numpy examples)."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  from bpcp_jax.run.config import apply_overrides, load_config_file
+  from bpcp_jax.run.pipeline import check_run_config, load_data
+
+  config = apply_overrides(load_config_file(os.path.join(REPO_ROOT, "experiments", "configs", "tiny.py")),
+                           ["data.source=tfds:cifar10", "data.max_train_per_class=3", "data.max_test_per_class=0"])
+  check_run_config(config)
+  with tfds.testing.mock_data(num_examples=80):
+    train, test = load_data(config, progress=False)
+    full = data.load_tfds("cifar10", "train")
+  assert train.images.shape[1:] == (32, 32, 3) and train.images.dtype == np.uint8 and train.labels.dtype == np.int32
+  assert len(train.class_names) == 10 and train.class_names == test.class_names
+  assert len(full.labels) == len(test.labels) == 80  # max_test_per_class 0: every test example
+  # max_train_per_class 3: the first 3 examples of each class, in the data set's order
+  first3 = np.sort(np.concatenate([np.flatnonzero(full.labels == c)[:3] for c in range(10)]))
+  np.testing.assert_array_equal(train.labels, full.labels[first3])
+  np.testing.assert_array_equal(train.images, full.images[first3])
 
 
 # --------------------------------------------------------------------------------------

@@ -51,8 +51,24 @@ def test_quickstart_runs_the_pipeline(tmp_path, cifar_archive):
   with open(os.path.join(workdir, "summary.json")) as f:
     summary = json.load(f)
   assert summary["model"] == "resnet_v1_8" and summary["data"]["test_images"] == 100
-  assert any("| dense |" in md and "| pruned |" in md for md in _outputs(nb, "text/markdown"))
+  assert any("| dense, pretrained |" in md and "pruned, after finetune_channels |" in md
+             for md in _outputs(nb, "text/markdown"))
   assert len(_outputs(nb, "image/png")) == 3  # accuracy, gates, channels
+  text = _text(nb)
+  assert "network: resnet_v1_8" in text and "data loaded: 160 train" in text  # it says what it runs
+  assert "WARNING:absl" not in text and "did not provide metrics" not in text, text  # nothing at every save
+
+
+def test_quickstart_settings_without_a_checkout_are_the_smoke_config():
+  """Installed without a checkout (Colab), the notebook runs the smoke settings it carries."""
+  from bpcp_jax.run.config import apply_overrides, default_config, load_config_file
+
+  nb = nbformat.read(os.path.join(NB_DIR, "quickstart.ipynb"), as_version=4)
+  source = next(c.source for c in nb.cells if "SMOKE = {" in c.source)
+  namespace = {}
+  exec(source[source.index("SMOKE = {"):source.index("}", source.index("SMOKE = {")) + 1], namespace)
+  inline = apply_overrides(default_config(), [f"{k}={v}" for k, v in namespace["SMOKE"].items()])
+  assert inline.to_dict() == load_config_file(os.path.join(REPO_ROOT, "experiments", "configs", "smoke.py")).to_dict()
 
 
 def _row(name, gamma, status, acc=None, macs=None, speedup=None, blocks=None):

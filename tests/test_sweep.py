@@ -73,6 +73,7 @@ def test_run_list_and_names(tmp_path):
   assert runs[0]["values"] == {"stages.search.gamma": 0.05, "stages.prune.ratio": 0.3, "stages.search.lr": 0.1,
                                "stages.pretrain.lr": 0.1, "stages.prune.criterion": "bn_scale"}
   assert sweep.run_name({}, []) == "base"
+  assert os.path.isfile(os.path.join(sweep.repo_root(), "setup.cfg"))  # bases resolve against the checkout
   assert len(sweep.run_name({"model": "x" * 200}, ["model"])) <= 120
 
 

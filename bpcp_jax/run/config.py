@@ -9,13 +9,19 @@ of the wrong type is an error that names it.
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.util
+import json
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import ml_collections
 
 STAGES = ("pretrain", "search", "finetune_blocks", "prune", "finetune_channels")
+DEFAULT_CONFIG_TEXT = ("the paper's recipe: resnet_v2_56 on all 50,000 CIFAR-10 training images, 160 epochs per "
+                       "training stage (a GPU job; experiments/configs/smoke.py runs in minutes on a CPU)")
+# settings a resumed run may change: they decide what is logged and kept, never what is computed
+RESUME_FREE_KEYS = ("data.cache_dir", "log_every_steps", "checkpoint.keep", "checkpoint.every_steps")
 
 
 class ConfigError(ValueError):
@@ -23,7 +29,7 @@ class ConfigError(ValueError):
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """The paper's recipe (ResNet-v2-56, 160 epochs per training stage, CIFAR-10)."""
+  """The paper's recipe (ResNet-v2-56, 160 epochs per training stage, CIFAR-10): ``DEFAULT_CONFIG_TEXT``."""
   c = ml_collections.ConfigDict()
   # a family network ("resnet_v2_56") or your own Flax classifier: "path/to/file.py:make_model" or
   # "package.module:make_model" (called with num_classes if it takes it; traced to find its groups)
@@ -109,8 +115,7 @@ def check_config(config: ml_collections.ConfigDict, where: str = "config") -> No
   known = _flatten(default_config())
   for key in _flatten(config):
     if key not in known:
-      raise ConfigError(f"unknown config key {key!r} in {where}; "
-                        f"known keys under that section: {_siblings(key, known)}")
+      raise ConfigError(f"{unknown_key_message(key, known)} (in {where})")
 
 
 def _flatten(c, prefix=""):
@@ -124,10 +129,23 @@ def _flatten(c, prefix=""):
   return out
 
 
-def _siblings(key, known):
-  head = key.rsplit(".", 1)[0] + "." if "." in key else ""
-  names = sorted({k[len(head):].split(".")[0] for k in known if k.startswith(head)})
-  return ", ".join(names)
+def unknown_key_message(key: str, known) -> str:
+  """``unknown config key ...``: the deepest section of ``key`` that exists, its valid keys, and
+  the closest match (``stages.serch.gamma``: no 'serch' in 'stages'; valid: pretrain, search, ...)."""
+  parts = key.split(".")
+  sections = {".".join(k.split(".")[:i]) for k in known for i in range(1, k.count(".") + 1)}
+  depth = 0
+  while depth < len(parts) - 1 and ".".join(parts[:depth + 1]) in sections:
+    depth += 1
+  head = ".".join(parts[:depth])
+  prefix = head + "." if head else ""
+  if depth < len(parts) - 1 and prefix + parts[depth] in known:
+    return f"unknown config key {key!r}: {prefix + parts[depth]!r} is a value, not a section"
+  names = sorted({k[len(prefix):].split(".")[0] for k in known if k.startswith(prefix)})
+  close = difflib.get_close_matches(parts[depth], names, n=1)
+  hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
+  return (f"unknown config key {key!r}: no {parts[depth]!r} in {('section ' + repr(head)) if head else 'the config'}"
+          f"; valid keys there: {', '.join(names)}{hint}")
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
@@ -140,8 +158,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
       raise ConfigError(f"override {item!r} is not key=value")
     key, raw = text.split("=", 1)
     if key not in known:
-      raise ConfigError(f"unknown config key {key!r} (from {item!r}); known keys under that section: "
-                        f"{_siblings(key, known)}")
+      raise ConfigError(f"{unknown_key_message(key, known)} (from {item!r})")
     old = known[key]
     try:
       if isinstance(old, bool):
@@ -172,3 +189,33 @@ def stage_list(config) -> list[str]:
   if bad:
     raise ConfigError(f"unknown stage(s) {bad} in stages.run; choose from {', '.join(STAGES)}")
   return stages
+
+
+def load_config_json(path: str) -> ml_collections.ConfigDict:
+  """The config a run wrote to its ``config.json``; keys added to the defaults since then take
+  their default values."""
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"cannot read the run's settings {path}: {e}") from e
+  config = default_config()
+  known = _flatten(config)
+  for key, value in _flatten(ml_collections.ConfigDict(saved)).items():
+    if key not in known:
+      raise ConfigError(f"{unknown_key_message(key, known)} (in {path})")
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def config_differences(saved: dict[str, Any], config: ml_collections.ConfigDict,
+                       ignore: Sequence[str] = RESUME_FREE_KEYS) -> list[tuple[str, Any, Any]]:
+  """``(key, saved value, value now)`` for every setting that differs from a run's ``config.json``
+  (``saved``, a dict); a key the saved run did not have counts as its default value."""
+  now = _flatten(config)
+  before = {**_flatten(default_config()), **_flatten(ml_collections.ConfigDict(saved))}
+  return [(k, before.get(k), v) for k, v in sorted(now.items()) if k not in ignore and before.get(k) != v]

@@ -48,7 +48,7 @@ class SweepError(ValueError):
 
 def repo_root() -> str:
   """The checkout this package was installed from (editable install): the parent of bpcp_jax/."""
-  return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # <repo>/bpcp_jax/run/
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,8 +263,11 @@ def summary_row(summary: Mapping[str, Any]) -> dict[str, Any]:
   for key in sorted((k for k in p if k.startswith("latency_ms_b")), key=_batch):
     row[f"pruned_{key}"] = p[key]
     row[f"dense_{key}"] = d.get(key)
-  for key in sorted((k for k in r if k.startswith("speedup_")), key=_batch):
+  spread = summary.get("speedup_spread") or {}
+  for key in sorted((k for k in r if re.fullmatch(r"speedup_b\d+", k)), key=_batch):
     row[key] = r[key]
+    if key[len("speedup_"):] in spread:  # the interquartile range of the per-round ratios
+      row[f"{key}_q25"], row[f"{key}_q75"] = spread[key[len("speedup_"):]]["q25"], spread[key[len("speedup_"):]]["q75"]
   return row
 
 
@@ -382,11 +385,17 @@ def _fmt(value, spec: str = "") -> str:
   return str(value)
 
 
+def _speedup_cell(row: Mapping[str, Any], column: str) -> str:
+  q25, q75 = row.get(f"{column}_q25"), row.get(f"{column}_q75")
+  spread = f" ({_fmt(q25, '.2f')}-{_fmt(q75, '.2f')})" if _finite(q25, q75) else ""
+  return _fmt(row.get(column), ".2f") + (spread if _fmt(row.get(column)) else "")
+
+
 def results_markdown(rows: Sequence[Mapping[str, Any]], title: str = "sweep", images: Sequence[str] = ()) -> str:
   """A markdown report: counts, one table row per run, the failures, the plots."""
   keys = swept_columns(rows)
   columns = result_columns(rows)
-  speedups = [c for c in columns if c.startswith("speedup_")]
+  speedups = [c for c in columns if re.fullmatch(r"speedup_b\d+", c)]
   head = ["run", *keys, "status", "acc %", "drop pts", "params", "MACs", "params cut %", "MACs cut %", "blocks",
           *[f"speed-up {c[len('speedup_'):]}" for c in speedups]]
   lines = [f"# Sweep results: {title}", ""]
@@ -399,7 +408,7 @@ def results_markdown(rows: Sequence[Mapping[str, Any]], title: str = "sweep", im
              _fmt(r.get("accuracy_drop_pct_points"), ".2f"), _fmt(r.get("pruned_params"), ","),
              _fmt(r.get("pruned_macs"), ","), _fmt(r.get("params_removed_pct"), ".1f"),
              _fmt(r.get("macs_removed_pct"), ".1f"), _fmt(r.get("pruned_blocks")),
-             *[_fmt(r.get(c), ".2f") for c in speedups]]
+             *[_speedup_cell(r, c) for c in speedups]]
     lines.append("| " + " | ".join(cells) + " |")
   failed = [r for r in rows if r["status"] == "failed"]
   if failed:

@@ -46,7 +46,8 @@ _DEFAULT_ARCHIVE = os.path.join("..", "shared", "data", "cifar10-jpeg.tar.gz")
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _FOLDER_SOURCE = "folder"
-_TFDS_SOURCES = ("tfds:cifar10", "tfds:cifar100")
+TFDS_SOURCES = ("tfds:cifar10", "tfds:cifar100")
+_TFDS_SOURCES = TFDS_SOURCES
 # Bump when the cache contents or layout change, so stale caches are never reused.
 _CACHE_VERSION = 1
 
@@ -94,7 +95,7 @@ def default_data_path() -> str:
   env = os.environ.get(DEFAULT_DATA_ENV)
   if env:
     return env
-  repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # <repo>/bpcp_jax/training/
   candidates = [
       os.path.abspath(_DEFAULT_ARCHIVE),
       os.path.normpath(os.path.join(repo_root, _DEFAULT_ARCHIVE)),
@@ -372,32 +373,64 @@ def check_same_classes(a: Split, b: Split, names: tuple[str, str] = ("train", "t
                     f"and {names[1]} {list(b.class_names)}")
 
 
-def load_tfds(name: str, split: str, *, data_dir: str | None = None) -> Split:
-  """Load a split through tensorflow_datasets (needs the optional ``tfds`` extra and,
-  unless already downloaded to ``data_dir``, internet access)."""
+def tfds_available() -> bool:
+  """Whether ``tensorflow_datasets`` can be imported (the ``tfds`` extra)."""
+  import importlib.util
+
+  return importlib.util.find_spec("tensorflow_datasets") is not None
+
+
+def usable_source(source: str) -> tuple[str, str]:
+  """``(source, note)``: ``source`` itself when it can be loaded here, else the offline image
+  folder (``"folder"``) with a note saying why (a ``tfds:`` source without tensorflow_datasets)."""
+  if source in TFDS_SOURCES and not tfds_available():
+    return _FOLDER_SOURCE, (f"tensorflow_datasets is not installed, so {source!r} cannot be used: using the offline "
+                            f"image folder instead (--data / ${DEFAULT_DATA_ENV}, default {_DEFAULT_ARCHIVE}); "
+                            "`pip install tensorflow-datasets` to use TensorFlow Datasets")
+  return source, ""
+
+
+def load_tfds(name: str, split: str, *, data_dir: str | None = None,
+              max_per_class: int | None = None) -> Split:
+  """Load a split through tensorflow_datasets' random-access source (``tfds.data_source``).
+
+  Reading needs no TensorFlow: the examples come as numpy arrays. The first use downloads and
+  prepares the data set (array_record files under ``data_dir``, default ``~/tensorflow_datasets``),
+  which needs internet access. ``max_per_class`` keeps the first K examples of each class in
+  the data set's order. Needs the optional ``tfds`` extra; errors name the data set and split.
+  """
   try:
-    import tensorflow_datasets as tfds  # lazy: heavy optional dependency
+    import tensorflow_datasets as tfds  # lazy: optional dependency
   except ImportError as e:
     raise ImportError(
         "tensorflow_datasets is not installed; run `pip install bpcp-jax[tfds]` "
         "or use the image-folder loader (--data / $BPCP_DATA)") from e
+  if max_per_class is not None and (not isinstance(max_per_class, int) or max_per_class <= 0):
+    raise DataError(f"max_per_class must be a positive int or None, got {max_per_class!r}")
   try:
-    ds, info = tfds.load(name, split=split, data_dir=data_dir, batch_size=-1,
-                         with_info=True)
-  except Exception as e:
-    raise DataError(f"tensorflow_datasets could not load {name!r} split {split!r}: {e}") from e
-  arrays = tfds.as_numpy(ds)
-  images = np.asarray(arrays["image"], dtype=np.uint8)
-  labels = np.asarray(arrays["label"], dtype=np.int32)
-  class_names = tuple(info.features["label"].names)
-  return Split(images=images, labels=labels, class_names=class_names)
+    source = tfds.data_source(name, split=split, data_dir=data_dir,
+                              builder_kwargs={"file_format": "array_record"})
+    class_names = tuple(source.dataset_info.features["label"].names)
+    examples = [source[i] for i in range(len(source))]
+  except Exception as e:  # download, preparation or reading: say which data set failed
+    raise DataError(f"tensorflow_datasets could not load {name!r} split {split!r}: "
+                    f"{type(e).__name__}: {e}") from e
+  if not examples:
+    raise DataError(f"tensorflow_datasets split {split!r} of {name!r} is empty")
+  labels = np.asarray([ex["label"] for ex in examples], dtype=np.int32)
+  keep = np.arange(len(labels))
+  if max_per_class is not None:
+    keep = np.sort(np.concatenate([np.flatnonzero(labels == c)[:max_per_class] for c in np.unique(labels)]))
+  images = np.stack([np.asarray(examples[i]["image"], dtype=np.uint8) for i in keep])
+  return Split(images=images, labels=labels[keep], class_names=class_names)
 
 
 def load_dataset(source: str, *, data_path: str | None = None, data_dir: str | None = None,
                  cache_dir: str | None = None, max_per_class: int | None = None,
                  progress: bool = True) -> tuple[Split, Split]:
   """Load (train, test) from ``"folder"`` (an image-folder directory/archive, default the
-  shared CIFAR-10 archive) or ``"tfds:cifar10"`` / ``"tfds:cifar100"``."""
+  shared CIFAR-10 archive) or ``"tfds:cifar10"`` / ``"tfds:cifar100"``; ``max_per_class``
+  limits both splits."""
   if source == _FOLDER_SOURCE:
     path = data_path or default_data_path()
     train = load_image_folder(path, "train", cache_dir=cache_dir,
@@ -408,8 +441,8 @@ def load_dataset(source: str, *, data_path: str | None = None, data_dir: str | N
     return train, test
   if source in _TFDS_SOURCES:
     name = source.split(":", 1)[1]
-    return (load_tfds(name, "train", data_dir=data_dir),
-            load_tfds(name, "test", data_dir=data_dir))
+    return (load_tfds(name, "train", data_dir=data_dir, max_per_class=max_per_class),
+            load_tfds(name, "test", data_dir=data_dir, max_per_class=max_per_class))
   raise DataError(
       f"unknown data source {source!r}; valid choices: {[_FOLDER_SOURCE, *_TFDS_SOURCES]}")
 

@@ -6,7 +6,8 @@ share), are prefetched onto the devices, and go through the pmapped step. After 
 (and every ``every_steps`` steps) the state is checkpointed; a non-finite loss stops the run
 before anything is saved over the last good checkpoint. Because data order, augmentation and
 gate samples are functions of (seed, epoch, step), resuming from a checkpoint replays exactly
-what an uninterrupted run would have done.
+what an uninterrupted run would have done. Ctrl-C raises ``StageInterrupted``: the stage, the
+step it stopped at and the last checkpoint written.
 """
 
 from __future__ import annotations
@@ -31,6 +32,18 @@ TIMING_KEYS = ("images_per_s", "epoch_seconds", "time")
 
 class NonFiniteLoss(FloatingPointError):
   """The loss became NaN or Inf; the message says where and how to resume."""
+
+
+class StageInterrupted(KeyboardInterrupt):
+  """Ctrl-C (SIGINT) during a training stage, also during a checkpoint save.
+
+  ``stage``, ``step`` (the last step computed), ``epoch`` (1-based, the one running),
+  ``epochs``, and ``checkpoint``: the directory of the last checkpoint of the stage, or None.
+  """
+
+  def __init__(self, stage: str, step: int, epoch: int, epochs: int, checkpoint: Optional[str]):
+    self.stage, self.step, self.epoch, self.epochs, self.checkpoint = stage, step, epoch, epochs, checkpoint
+    super().__init__(f"interrupted in stage {stage!r} at step {step} (epoch {epoch} of {epochs})")
 
 
 @dataclasses.dataclass
@@ -82,6 +95,15 @@ class MetricsLog:
     keep = [r for r in self.read()
             if not ((r["stage"] == stage and r["epoch"] > epoch) or r["stage"] in later_stages)]
     self._write(keep)
+
+  def order_stages(self, order: tuple[str, ...]) -> None:
+    """Lines grouped by stage in ``order`` (epochs in the order written): a stage that trained
+    again after a later one finished (its newest checkpoint was damaged) goes back in its place."""
+    records = self.read()
+    rank = {s: i for i, s in enumerate(order)}
+    ordered = sorted(records, key=lambda r: rank.get(r["stage"], len(order)))  # stable
+    if ordered != records:
+      self._write(ordered)
 
   def append(self, record: dict) -> None:
     if jax.process_index() != 0:
@@ -180,9 +202,29 @@ def train_stage(run: StageRun, state, *, start_step: int = 0, start_sums: Option
   gate_log = GateLog(os.path.join(os.path.dirname(run.metrics_path), "gates.jsonl")) if run.mode == "search" else None
   if gate_log is not None:
     gate_log.truncate_after(run.name, start_step)
+  progress = {"step": start_step, "epoch": start_step // spe}
+  try:
+    state_r, last_eval = _epochs(run, state_r, start_step, start_sums, p_step, p_eval, log, progress, extra, gate_log)
+  except KeyboardInterrupt:
+    raise StageInterrupted(run.name, progress["step"], min(progress["epoch"] + 1, run.epochs), run.epochs,
+                           _last_checkpoint(run.checkpoints)) from None
+  host = parallel.unreplicate(state_r)
+  return host, last_eval
+
+
+def _last_checkpoint(checkpoints: StageCheckpoints) -> Optional[str]:
+  steps = [s for s in checkpoints.all_steps() if os.path.isdir(checkpoints.step_dir(s))]
+  return checkpoints.step_dir(max(steps)) if steps else None
+
+
+def _epochs(run: StageRun, state_r, start_step, start_sums, p_step, p_eval, log, progress, extra=(), gate_log=None):
+  """The epochs of ``train_stage``; ``progress`` holds the step and epoch reached (for Ctrl-C);
+  ``extra``: the step's further arguments (the teacher's variables when distilling)."""
+  spe = run.steps_per_epoch
   last_eval: dict[str, float] = {}
   start_epoch = start_step // spe
   for epoch in range(start_epoch, run.epochs):
+    progress["epoch"] = epoch
     skip = start_step - epoch * spe if epoch == start_epoch else 0
     sums = None
     if skip and start_sums:  # device-shaped float32, so the additions replay bit for bit
@@ -197,6 +239,7 @@ def train_stage(run: StageRun, state, *, start_step: int = 0, start_sums: Option
         state_r, metrics = p_step(state_r, batch, *extra)
         sums = metrics if sums is None else jax.tree.map(lambda a, b: a + b, sums, metrics)
         step += 1
+        progress["step"] = step
         bar.update(1)
         if step % run.log_every == 0 or step % spe == 0:
           loss = float(np.asarray(metrics["loss"])[0])
@@ -237,8 +280,7 @@ def train_stage(run: StageRun, state, *, start_step: int = 0, start_sums: Option
       acc = f", test acc {record['test_accuracy']:.4f}" if "test_accuracy" in record else ""
       tqdm.write(f"[{run.name}] epoch {epoch + 1}/{run.epochs}: loss {record['train_loss']:.4f}, "
                  f"train acc {record['train_accuracy']:.4f}{acc}, {record['images_per_s']:.0f} img/s")
-  host = parallel.unreplicate(state_r)
-  return host, last_eval
+  return state_r, last_eval
 
 
 def _save(run: StageRun, state_r, step: int, epoch: int, metrics, done: bool = False, host=None, extra=None):
