@@ -178,7 +178,7 @@ def test_without_matplotlib_the_reports_skip_their_plots(tmp_path, monkeypatch):
   net = {"accuracy": 0.5, "params": 10, "macs": 100, "blocks_kept": ["stage0_block0"], "latency_ms_b1": 1.0,
          "channels_per_group": {"stem": 16}}
   summary = {"model": "resnet_v1_8", "dense": net, "pruned": {**net, "macs": 50},
-             "reduction": {"macs_removed_pct": 50.0}}
+             "reduction": {"macs_removed_pct": 50.0, "params_removed_pct": 0.0, "accuracy_drop_pct_points": 0.0}}
   (tmp_path / "summary.json").write_text(json.dumps(summary))
   (tmp_path / "metrics.jsonl").write_text(json.dumps({"stage": "pretrain", "epoch": 1, "train_accuracy": 0.4}) + "\n")
   with open(report.write_report(str(tmp_path))) as f:

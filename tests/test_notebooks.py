@@ -107,6 +107,8 @@ def test_prune_your_model_runs_on_a_user_network(tmp_path, cifar_archive):
     summary = json.load(f)
   assert summary["model"].endswith("my_model.py:make_model") and summary["data"]["test_images"] == 100
   assert summary["pruned"]["network"]["kind"] == "flax" and summary["pruned"]["params"] < summary["dense"]["params"]
-  assert any("| dense |" in md and "| pruned |" in md for md in _outputs(nb, "text/markdown"))
+  assert summary["dense"]["label"] == "dense, your weights"
+  assert any("| dense, your weights |" in md and "pruned, after finetune_channels |" in md
+             for md in _outputs(nb, "text/markdown"))
   text = _text(nb)
   assert "residual blocks" in text and "predictions:" in text, text

@@ -24,8 +24,6 @@ from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
-from matplotlib.ticker import MaxNLocator
-
 SETTLED_MARGIN = 0.2  # a block decision is settled when its keep probability is this far from 0.5 (p <= 0.3 or >= 0.7)
 
 
@@ -232,6 +230,8 @@ def _epoch_axis(ax, xs) -> None:
   if len(xs) <= 20:
     ax.set_xticks(xs)
   else:
+    from matplotlib.ticker import MaxNLocator
+
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
   ax.set_xlim(xs[0] - 0.5, xs[-1] + 0.5)
 
@@ -304,13 +304,22 @@ def plot_channels(summary: dict[str, Any]):
 
 
 def write_report(workdir: str) -> str:
-  """Write ``report.md`` and its PNG plots from the run directory's files; returns the path."""
+  """Write ``report.md`` and its PNG plots from the run directory's files; returns the path.
+
+  Without matplotlib the report holds the tables alone and says the plots were skipped."""
   if jax.process_index() != 0:
     return ""
   with open(os.path.join(workdir, "summary.json")) as f:
     summary = json.load(f)
   records = _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   parts = [f"# BPCP run: {summary['model']}\n", summary_table(summary)]
+  try:
+    import matplotlib  # noqa: F401
+  except ImportError:
+    parts.append("\nPlots skipped: matplotlib is not installed.\n")
+    if summary.get("block_search"):
+      parts.append("\n## Block decisions\n\n" + block_decisions_markdown(summary["block_search"]))
+    return _write_report_md(workdir, parts)
   sections = (("accuracy", "Accuracy", plot_accuracy(records)),
               ("gates", "Gate probabilities during the block search", plot_gates(records)),
               ("channels", "Channels kept per group", plot_channels(summary)))
@@ -326,6 +335,10 @@ def write_report(workdir: str) -> str:
       parts.append("\n" + block_decisions_markdown(summary["block_search"]))
   if summary.get("block_search") and not any(f is not None for n, _, f in sections if n == "gates"):
     parts.append("\n## Block decisions\n\n" + block_decisions_markdown(summary["block_search"]))
+  return _write_report_md(workdir, parts)
+
+
+def _write_report_md(workdir: str, parts: list[str]) -> str:
   if os.path.exists(os.path.join(workdir, "prune_report.md")):
     parts.append("\nThe channel selection, group by group: [prune_report.md](prune_report.md)\n")
   path = os.path.join(workdir, "report.md")
