@@ -1,6 +1,7 @@
 """Pruning networks the library does not know: masked == materialized, the right MACs, and the
 same result as the hand-declared ResNet path."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -136,3 +137,164 @@ def test_block_search_on_a_traced_residual_network():
   assert bp.decide_blocks(logits) == {"project": False}
   small, small_vars = bp.materialize_traced(net, variables, {**masks, "blocks": logits})
   assert "project" not in small_vars["params"]
+
+
+# -- issue 12: the shapes of reported failures, masked == materialized in eval and train mode -----------------------
+
+from tests.test_coupling import trace_small  # noqa: E402
+
+ISSUE_NETS = [nets.GroupedConvNet, nets.ChannelShuffleNet, nets.DepthToSpaceNet, nets.DenseToMapNet, nets.GroupNormNet,
+              nets.FusedQKVNet, nets.DenseGeneralNet, nets.AttentionNet, nets.GateNet, nets.RematNet, nets.SortNet]
+
+
+def _perturb(variables, seed):
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map(
+      lambda a: jnp.abs(a) + 0.1 if a.ndim == 1 else a + 0.1 * jnp.asarray(rng.normal(size=a.shape), a.dtype), variables)
+
+
+def _train_mode(variables):
+  mode = {"train": True, "rngs": {"dropout": jax.random.key(7)}}
+  return {**mode, "mutable": ["batch_stats"]} if "batch_stats" in variables else mode
+
+
+@pytest.mark.parametrize("cls", ISSUE_NETS, ids=lambda c: c.__name__)
+def test_issue_networks_masked_equals_materialized_in_eval_and_train_mode(cls):
+  model, variables, inputs, _ = trace_small(cls, batch=4)
+  variables = _perturb(variables, 0)
+  net = bp.trace_network(model, variables, *inputs, modes={"eval": {}, "train": _train_mode(variables)})
+  rngs = {"dropout": jax.random.key(3)}
+  for seed, mode in [(0, "eval"), (1, "train")]:
+    masks = _random_traced_masks(net, seed)
+    small, small_vars = bp.materialize_traced(net, variables, masks)
+    if mode == "eval":
+      _close(jax.jit(small.apply)(small_vars, *inputs), jax.jit(lambda v, m, *x: bp.masked_apply(net, v, m, *x))(
+          variables, masks, *inputs))
+      continue
+    mutable = ["batch_stats"] if "batch_stats" in variables else False
+    masked = jax.jit(lambda v, m, r, *x: bp.masked_apply(net, v, m, *x, mode="train", rngs=r))(
+        variables, masks, rngs, *inputs)
+    out = jax.jit(lambda v, r, *x: small.apply(v, *x, train=True, mutable=mutable, rngs=r))(small_vars, rngs, *inputs)
+    if mutable:
+      (masked, masked_upd), (out, upd) = masked, out
+      # the updated statistics of the kept channels are the masked network's, sliced
+      _, want = bp.materialize_traced(net, {**variables, **masked_upd}, masks)
+      jax.tree_util.tree_map(_close, upd["batch_stats"], want["batch_stats"])
+    _close(out, masked)
+
+
+def test_dropout_draws_from_the_rngs_given_at_call_time():
+  model, variables, inputs, _ = trace_small(nets.GateNet, batch=4)
+  net = bp.trace_network(model, variables, *inputs, modes={"eval": {}, "train": _train_mode(variables)})
+  masks = _random_traced_masks(net, 0)
+  small, small_vars = bp.materialize_traced(net, variables, masks)
+  outs = []
+  for k in (1, 2):
+    rngs = {"dropout": jax.random.key(k)}
+    outs.append(small.apply(small_vars, *inputs, train=True, rngs=rngs))
+    _close(outs[-1], bp.masked_apply(net, variables, masks, *inputs, mode="train", rngs=rngs))
+    _close(bp.masked_apply(net, variables, bp.init_traced_masks(net), *inputs, mode="train", rngs=rngs),
+           model.apply(variables, *inputs, train=True, rngs=rngs))
+  assert float(jnp.abs(outs[0] - outs[1]).max()) > 1e-3
+  with pytest.raises(ValueError, match="dropout"):
+    bp.masked_apply(net, variables, masks, *inputs, mode="train")
+
+
+def test_named_batch_axis_in_train_mode():
+  """BatchNorm(axis_name=...) as in flax's ImageNet example: traced with the axis, run under it."""
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      h = nn.Conv(8, (3, 3), use_bias=False)(x)
+      h = nn.relu(nn.BatchNorm(use_running_average=not train, axis_name="batch")(h))
+      return nn.Dense(5)(jnp.mean(nn.Conv(6, (1, 1))(h), axis=(1, 2)))
+
+  model = Net()
+  x = jax.random.normal(jax.random.key(1), (2, 4, 8, 8, 3))  # (devices, per-device batch, ...)
+  variables = _perturb(model.init(jax.random.key(0), x[0]), 0)
+  modes = {"eval": {}, "train": TRAIN}
+  eval_net = bp.trace_network(model, variables, x[0])
+  net = bp.trace_network(model, variables, x[0], modes=modes, axis_env=[("batch", 2)])
+  assert {n: g.members for n, g in net.groups.items()} == {n: g.members for n, g in eval_net.groups.items()}
+  assert net.unfollowed == [] and len(net.groups) == 2
+  masks = _random_traced_masks(net, 0)
+  small, small_vars = bp.materialize_traced(net, variables, masks)
+  masked = jax.vmap(lambda x: bp.masked_apply(net, variables, masks, x, mode="train"), axis_name="batch")(x)
+  out = jax.vmap(lambda x: small.apply(small_vars, x, train=True, mutable=["batch_stats"]), axis_name="batch")(x)
+  _close(out[0], masked[0])
+  ref = jax.vmap(lambda x: model.apply(variables, x, train=True, mutable=["batch_stats"]), axis_name="batch")(x)
+  full = jax.vmap(lambda x: bp.masked_apply(net, variables, bp.init_traced_masks(net), x, mode="train"),
+                  axis_name="batch")(x)
+  _close(full[0], ref[0])
+
+
+def test_grouped_convolution_materializes_with_the_right_group_count():
+  model, variables, inputs, net = trace_small(nets.GroupedConvNet, batch=3)
+  small, small_vars = bp.materialize_traced(net, variables, bp.init_traced_masks(net))
+  _close(small.apply(small_vars, *inputs), model.apply(variables, *inputs))
+  masks = bp.init_traced_masks(net)
+  whole = [n for n, g in net.groups.items() if g.width == 2][0]  # drop one of the two groups of the grouped conv
+  masks["channels"][whole] = jnp.asarray([1.0, 0.0])
+  small, small_vars = bp.materialize_traced(net, variables, masks)
+  assert small_vars["params"]["grouped"]["kernel"].shape == (3, 3, 4, 4)
+  _close(small.apply(small_vars, *inputs), bp.masked_apply(net, variables, masks, *inputs))
+
+
+def test_optimizer_state_is_carried_and_training_continues_exactly():
+  import optax
+
+  model, variables, inputs, net = trace_small(nets.GroupedConvNet, batch=3)
+  masks = _random_traced_masks(net, 2)
+  opt = optax.adam(1e-2)
+
+  def masked_loss(params, x):
+    return jnp.mean(bp.masked_apply(net, {**variables, "params": params}, masks, x) ** 2)
+
+  params, state = variables["params"], opt.init(variables["params"])
+  for _ in range(2):
+    updates, state = opt.update(jax.grad(masked_loss)(params, *inputs), state)
+    params = optax.apply_updates(params, updates)
+  small, small_vars, small_state = bp.materialize_traced(net, {**variables, "params": params}, masks, opt_state=state)
+  assert jax.tree_util.tree_structure(small_state) == jax.tree_util.tree_structure(opt.init(small_vars["params"]))
+  # one more step on each side: the small network's parameters are the masked network's, sliced
+  updates, _ = opt.update(jax.grad(masked_loss)(params, *inputs), state)
+  params = optax.apply_updates(params, updates)
+  small_loss = lambda p, x: jnp.mean(small.apply({**small_vars, "params": p}, x) ** 2)  # noqa: E731
+  updates, _ = opt.update(jax.grad(small_loss)(small_vars["params"], *inputs), small_state)
+  small_params = optax.apply_updates(small_vars["params"], updates)
+  _, want = bp.materialize_traced(net, {**variables, "params": params}, masks)
+  jax.tree_util.tree_map(_close, small_params, want["params"])
+
+
+def test_materialize_compiles_nothing():
+  """Slicing is done in NumPy (one gather per leaf), not by compiling a gather per leaf and width."""
+  from jax import monitoring
+
+  _, variables, _, net = _setup(nets.DenseNet)
+  masks = _random_traced_masks(net, 0)
+  compiles = []
+  monitoring.register_event_duration_secs_listener(
+      lambda event, *_, **__: compiles.append(event) if "backend_compile" in event else None)
+  bp.materialize_traced(net, variables, masks)
+  assert compiles == []
+
+
+def test_count_traced_on_any_network_and_independent_of_the_traced_batch():
+  class ConstConv(nn.Module):  # a conv applied to a constant (a fixed map), then to the input
+    @nn.compact
+    def __call__(self, x, train=False):
+      bias_map = nn.Conv(4, (3, 3), name="map")(jnp.ones((1, 8, 8, 2)))
+      return nn.Conv(4, (3, 3), name="c")(x) + bias_map
+
+  model = ConstConv()
+  counts = []
+  for batch in (1, 4):
+    x = jnp.ones((batch, 8, 8, 3))
+    variables = model.init(jax.random.key(0), x)
+    net = bp.trace_network(model, variables, x)
+    counts.append(bp.count_traced(net, variables)[1])
+    assert bp.count_traced(model, variables, x) == bp.count_traced(net, variables)
+  assert counts[0] == counts[1] == 64 * 4 * 3 * 9 + 64 * 4 * 2 * 9
+  with pytest.raises(ValueError, match="example inputs"):
+    bp.count_traced(model, variables)
