@@ -351,6 +351,24 @@ class _Shrunk:
   consts: dict  # the program's constants, sliced
 
 
+def _main_live(decision: PruneDecision, mode: str, inputs):
+  """What the return value of ``mode`` needs: (removed-block aliases, output ids, their tree, live
+  value ids, live variable paths)."""
+  program, coupling = decision.net.traced(mode, inputs)
+  key = ("main", id(program), mode)
+  if key not in decision._cache:
+    alias = {program.eqns[b.eqn].outs[0]: b.residual for b in coupling.block_sites[program].values()
+             if not decision.keep_blocks[b.name]}
+    index_tree = jax.tree_util.tree_unflatten(program.out_tree, list(range(len(program.outvars))))
+    main_tree = index_tree[0] if decision.net.modes[mode].get("mutable", False) else index_tree
+    main_idx, main_def = jax.tree_util.tree_flatten(main_tree)
+    main_out = [program.outvars[j] for j in main_idx]
+    live = live_values(program, alias, main_out)
+    var_ids = dict(zip(program.invars[:program.n_vars], program.var_paths))
+    decision._cache[key] = (alias, main_out, main_def, live, {var_ids[v] for v in live if v in var_ids})
+  return decision._cache[key]
+
+
 def _shrink(decision: PruneDecision, mode: str, inputs) -> _Shrunk:
   program, coupling = decision.net.traced(mode, inputs)
   key = (id(program), mode)
@@ -358,22 +376,18 @@ def _shrink(decision: PruneDecision, mode: str, inputs) -> _Shrunk:
     return decision._cache[key]
   keep_flat = decision.keep_flat(coupling)
   codes = coupling.codes[program]
-  alias = {program.eqns[b.eqn].outs[0]: b.residual for b in coupling.block_sites[program].values()
-           if not decision.keep_blocks[b.name]}
-
-  # the return value, and variables written back (mutable=...) whose variable survives
-  index_tree = jax.tree_util.tree_unflatten(program.out_tree, list(range(len(program.outvars))))
-  mutable = decision.net.modes[mode].get("mutable", False)
-  main_tree, updates = (index_tree if mutable else (index_tree, {}))
-  main_idx, main_def = jax.tree_util.tree_flatten(main_tree)
-  upd = {path_str(p): j for p, j in jax.tree_util.tree_flatten_with_path(updates)[0]}
-
-  main_out = [program.outvars[j] for j in main_idx]
-  live = live_values(program, alias, main_out)
+  alias, main_out, main_def, live, live_paths = _main_live(decision, mode, inputs)
+  # variables written back (mutable=...): those some mode reads, e.g. BN statistics the eval mode reads
+  read = set().union(*(_main_live(decision, m, inputs)[4] for m in decision.net.modes))
+  if decision.net.modes[mode].get("mutable", False):
+    index_tree = jax.tree_util.tree_unflatten(program.out_tree, list(range(len(program.outvars))))
+    upd = {path_str(p): j for p, j in jax.tree_util.tree_flatten_with_path(index_tree[1])[0]}
+  else:
+    upd = {}
+  written = [(p, program.outvars[j]) for p, j in upd.items() if p in read]
+  live = live_values(program, alias, main_out + [o for _, o in written])
   var_ids = dict(zip(program.invars[:program.n_vars], program.var_paths))
   live_paths = {var_ids[v] for v in live if v in var_ids}
-  written = [(p, program.outvars[j]) for p, j in upd.items() if p in live_paths]
-  live = live_values(program, alias, main_out + [o for _, o in written])
 
   kept = {v: tuple(kept_indices(c, keep_flat) for c in codes[v]) for v in live if v in codes}
 
@@ -518,9 +532,7 @@ def materialize_traced(net: TracedNetwork, variables, masks: Mapping, *example_i
   decision = prune_decision(net, masks)
   if not example_inputs:
     example_inputs = _first_inputs(net)
-  live_paths = set()
-  for m in net.modes:
-    live_paths |= _shrink(decision, m, example_inputs).live_paths
+  live_paths = set().union(*(_shrink(decision, m, example_inputs).live_paths for m in net.modes))
   program, coupling = net.traced(mode, example_inputs)
   keep_flat = decision.keep_flat(coupling)
   codes = coupling.codes[program]
