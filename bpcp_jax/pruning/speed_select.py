@@ -45,9 +45,22 @@ COSTS = ("macs", "latency")
 TRACED_CRITERIA = ("bn_scale", "l1")
 
 
-def _leaf_codes(net: TracedNetwork, program, coupling, path: str, axis: int) -> np.ndarray:
+def _leaf_codes(net: TracedNetwork, program, coupling, path: str, axis: int) -> Optional[np.ndarray]:
   vid = program.invars[program.var_paths.index(path)]
   return coupling.codes[program][vid][axis]
+
+
+def _score_into(best: np.ndarray, code: Optional[np.ndarray], off: int, values: np.ndarray) -> bool:
+  """``best[c - off] = max(best, values at the positions with a factor c of this group)``; whether any matched."""
+  if code is None:
+    return False
+  found = False
+  for f in range(code.shape[1]):
+    sel = (code[:, f] >= off) & (code[:, f] < off + len(best))
+    if sel.any():
+      np.maximum.at(best, code[sel, f] - off, values[sel])
+      found = True
+  return found
 
 
 def traced_importance(net: TracedNetwork, variables, criterion: str = "bn_scale") -> dict[str, np.ndarray]:
@@ -56,25 +69,23 @@ def traced_importance(net: TracedNetwork, variables, criterion: str = "bn_scale"
   ``bn_scale``: the largest |scale| of the normalisation layers (rank-1 ``scale`` variables) in
   the group; a group without one falls back to ``l1``. ``l1``: the largest L1 norm of the
   filters producing the channel (each producer's norms divided by their mean, so layers of
-  different fan-in compare).
+  different fan-in compare). A group that is one factor of a split axis (GroupNorm groups,
+  attention heads, head dimensions) scores each of its entries by the largest score of the
+  positions it is a factor of.
   """
   if criterion not in TRACED_CRITERIA:
     raise ValueError(f"unknown criterion {criterion!r}; choose from {', '.join(TRACED_CRITERIA)}")
-  program, coupling = net.traced("eval", example_inputs_of(net))
-  leaves = {path: np.asarray(x) for path, x in leaves_by_path(variables).items()}
+  program, coupling = net.traced(next(iter(net.modes)), example_inputs_of(net))
+  leaves = {path: np.asarray(x) for path, x in jax.device_get(leaves_by_path(variables)).items()}
   scores = {}
   for name, g in net.groups.items():
     off = coupling.offsets[name]
     best = np.full(g.width, -np.inf)
     found = False
     members = [m for m in g.members if m[0].startswith("params/") and m[0].endswith("/scale")] if criterion == "bn_scale" else []
-    if members:
-      for path, axis in members:
-        code = _leaf_codes(net, program, coupling, path, axis)
-        values = np.abs(leaves[path])
-        sel = (code >= off) & (code < off + g.width)
-        np.maximum.at(best, code[sel] - off, values[sel])
-        found = True
+    for path, axis in members:
+      if leaves[path].ndim == 1:
+        found |= _score_into(best, _leaf_codes(net, program, coupling, path, axis), off, np.abs(leaves[path]))
     if not found:
       for path in g.producers:
         if path not in leaves:  # a weight computed from several variables: no single filter to score
@@ -82,13 +93,8 @@ def traced_importance(net: TracedNetwork, variables, criterion: str = "bn_scale"
         kernel = leaves[path]
         for axis in range(kernel.ndim):
           code = _leaf_codes(net, program, coupling, path, axis)
-          if code is None or not ((code >= off) & (code < off + g.width)).any():
-            continue
           norms = np.abs(np.moveaxis(kernel, axis, 0)).reshape(kernel.shape[axis], -1).sum(1)
-          norms = norms / max(norms.mean(), 1e-12)
-          sel = (code >= off) & (code < off + g.width)
-          np.maximum.at(best, code[sel] - off, norms[sel])
-          found = True
+          found |= _score_into(best, code, off, norms / max(norms.mean(), 1e-12))
     scores[name] = best if found else np.full(g.width, np.inf)
   return scores
 
@@ -129,6 +135,13 @@ class _Search:
     self.inputs = example_inputs_of(net, batch)
     self.program, self.coupling = net.traced("eval", self.inputs)
     self.codes = self.coupling.codes[self.program]
+    # MACs per example are counted on the batch-1 program (as count_traced does), when it has the same equations
+    self.macs_program = net.traced("eval", example_inputs_of(net, 1))[0] if batch != 1 else self.program
+    if [e.name for e in self.macs_program.eqns] != [e.name for e in self.program.eqns]:
+      self.macs_program = self.program
+    self.macs_codes = self.coupling.codes[self.program] if self.macs_program is self.program else \
+        net.traced("eval", example_inputs_of(net, 1))[1].codes[self.macs_program]
+    self.macs_batch = batch if self.macs_program is self.program else 1
     p, c = self.program, self.coupling
     self.total = c.total_channels
     self.keep = np.ones(self.total + 1, bool)
@@ -174,7 +187,8 @@ class _Search:
     return shape_under(self.program, self.codes, keep, v)
 
   def _macs(self, idx, keep) -> int:
-    return eqn_macs(self.program.eqns[idx], lambda v: self._shape(v, keep))
+    return eqn_macs(self.macs_program.eqns[idx],
+                    lambda v: shape_under(self.macs_program, self.macs_codes, keep, v))
 
   def _cost(self, idx, keep) -> float:
     if self.cost_kind == "macs":
@@ -195,7 +209,7 @@ class _Search:
     return float(sum(self.eqn_cost[i] for i in self.live))
 
   def total_macs(self) -> int:
-    return int(sum(self.macs[i] for i in self.live)) // self.batch
+    return int(sum(self.macs[i] for i in self.live)) // self.macs_batch
 
   # -- candidate actions ---------------------------------------------------------------------
   def group_alive(self, g) -> bool:
