@@ -542,6 +542,13 @@ class _Analysis:
     out.insert(axis, self.untracked(e, [len(e.ins)])[0] if len(e.ins) > 1 else None)
     return [out]
 
+  def op_tile(self, e):
+    lay = list(self.lay(e.ins[0]))
+    for k, r in enumerate(e.params["reps"]):
+      if r > 1:
+        lay[k] = np.tile(lay[k], r) if _is_atoms(lay[k]) else None
+    return [lay]
+
   def op_split(self, e):
     axis = e.params["axis"]
     lay = self.lay(e.ins[0])

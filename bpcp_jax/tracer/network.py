@@ -605,6 +605,23 @@ def _first_inputs(net: TracedNetwork):
 
 # -- counting -------------------------------------------------------------------------------------
 
+def prunable_fraction(net: TracedNetwork, suffix: str = "/kernel") -> float:
+  """Fraction of the parameters of the conv and dense kernels (variables whose path ends with
+  ``suffix``) that pruning some channel group can remove: those at a position of some axis that
+  belongs to a group. 1.0 when every kernel's every channel can go; less when an op, or the
+  network's input or output, keeps channels whole (see ``net.unfollowed``)."""
+  program, coupling = net.traced(next(iter(net.modes)), _first_inputs(net))
+  codes = coupling.codes[program]
+  total = whole = 0
+  for vid, path in zip(program.invars[:program.n_vars], program.var_paths):
+    if not path.endswith(suffix):
+      continue
+    shape = program.shape(vid)
+    total += int(np.prod(shape))
+    whole += int(np.prod([n if c is None else int((c < 0).all(axis=1).sum()) for n, c in zip(shape, codes[vid])]))
+  return (total - whole) / total if total else 0.0
+
+
 def eqn_macs(e, shape) -> int:
   """Multiply-accumulates of one equation (a convolution or ``dot_general``; 0 otherwise), with
   ``shape(value)`` giving its operands' shapes."""
