@@ -5,7 +5,7 @@ BiT ResNet-v2 of big_vision, ViT with ``nn.MultiHeadDotProductAttention``, ...),
 a constructor argument so the tests run them tiny and the benchmark at their real widths. Every
 module takes ``(x, train=False)``; train mode uses batch statistics and draws dropout / drop-path
 masks from the ``"dropout"`` rng. ``NETWORKS`` lists them with the small configuration the tests
-use and the input shape.
+use and the input shapes.
 """
 
 from __future__ import annotations
@@ -505,23 +505,25 @@ class ViT(nn.Module):
     return nn.Dense(self.num_classes, name="head")(x[:, 0])
 
 
-# name -> (small module for the tests, real-size module for the benchmark, input shape (H, W, C) of each)
+# name -> (small module for the tests, real-size module for the benchmark, the tests' input shape (a batch), the real
+# input shape of one example). The tests' batch and image size are those at which the small network's own jitted and
+# eager train-mode outputs agree to 1e-6 (deep networks in train mode need enough values per BatchNorm channel).
 NETWORKS = {
-    "resnet18": (ResNet18(num_filters=4, num_classes=5), ResNet18(), (64, 64, 3), (224, 224, 3)),
-    "resnet50": (ResNet50(num_filters=2, num_classes=5), ResNet50(), (64, 64, 3), (224, 224, 3)),
+    "resnet18": (ResNet18(num_filters=4, num_classes=5), ResNet18(), (4, 64, 64, 3), (224, 224, 3)),
+    "resnet50": (ResNet50(num_filters=2, num_classes=5), ResNet50(), (8, 128, 128, 3), (224, 224, 3)),
     "bit_resnet": (BiTResNet(width=4, stage_sizes=(1, 1, 1, 1), groups=2, num_classes=5), BiTResNet(),
-                   (64, 64, 3), (224, 224, 3)),
+                   (4, 64, 64, 3), (224, 224, 3)),
     "mobilenet_v2": (MobileNetV2(width=0.25, config=((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 2, 2)), last=32,
-                                 num_classes=5), MobileNetV2(), (64, 64, 3), (224, 224, 3)),
+                                 num_classes=5), MobileNetV2(), (4, 64, 64, 3), (224, 224, 3)),
     "mobilenet_v3": (MobileNetV3Small(width=0.25, config=MobileNetV3Small.config[:5], last=32, num_classes=5),
-                     MobileNetV3Small(), (64, 64, 3), (224, 224, 3)),
+                     MobileNetV3Small(), (4, 64, 64, 3), (224, 224, 3)),
     "efficientnet_b0": (EfficientNet(width=0.25, config=((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 1)),
-                                     last=32, num_classes=5), EfficientNet(), (64, 64, 3), (224, 224, 3)),
-    "convnext": (ConvNeXt(depths=(1, 2), dims=(8, 16), num_classes=5), ConvNeXt(), (64, 64, 3), (224, 224, 3)),
-    "densenet": (DenseNet(growth=4, blocks=(2, 2), stem=8, num_classes=5), DenseNet(), (64, 64, 3), (224, 224, 3)),
-    "inception_v3": (InceptionV3Blocks(width=2, num_classes=5), InceptionV3Blocks(), (64, 64, 3), (299, 299, 3)),
+                                     last=32, num_classes=5), EfficientNet(), (4, 64, 64, 3), (224, 224, 3)),
+    "convnext": (ConvNeXt(depths=(1, 2), dims=(8, 16), num_classes=5), ConvNeXt(), (4, 64, 64, 3), (224, 224, 3)),
+    "densenet": (DenseNet(growth=4, blocks=(2, 2), stem=8, num_classes=5), DenseNet(), (4, 64, 64, 3), (224, 224, 3)),
+    "inception_v3": (InceptionV3Blocks(width=2, num_classes=5), InceptionV3Blocks(), (4, 96, 96, 3), (299, 299, 3)),
     "regnet": (RegNetY(widths=(8, 16), depths=(1, 2), group_width=4, stem=8, num_classes=5), RegNetY(),
-               (64, 64, 3), (224, 224, 3)),
-    "vgg": (VGG(config=(4, "M", 8, "M", 16, 16, "M"), hidden=16, num_classes=5), VGG(), (64, 64, 3), (224, 224, 3)),
-    "vit": (ViT(patch=8, hidden=16, depth=2, heads=2, mlp_dim=32, num_classes=5), ViT(), (64, 64, 3), (224, 224, 3)),
+               (4, 64, 64, 3), (224, 224, 3)),
+    "vgg": (VGG(config=(4, "M", 8, "M", 16, 16, "M"), hidden=16, num_classes=5), VGG(), (4, 64, 64, 3), (224, 224, 3)),
+    "vit": (ViT(patch=8, hidden=16, depth=2, heads=2, mlp_dim=32, num_classes=5), ViT(), (4, 64, 64, 3), (224, 224, 3)),
 }
