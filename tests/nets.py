@@ -260,3 +260,28 @@ class SortNet(nn.Module):
 
 # per-example input shape of each network (the image networks take (8, 8, 3))
 INPUT_SHAPES = {DenseToMapNet: (6,), FusedQKVNet: (5, 6), DenseGeneralNet: (4,), AttentionNet: (5, 6)}
+
+
+@jax.custom_vjp
+def _clipped_relu(x):
+  return jnp.clip(x, 0.0, 6.0)
+
+
+_clipped_relu.defvjp(lambda x: (_clipped_relu(x), x), lambda x, g: (jnp.where((x > 0) & (x < 6), g, 0.0),))
+
+
+class ControlFlowNet(nn.Module):
+  """Sub-programs: a custom_vjp activation, jax.checkpoint, a cond, a scan and a while loop that pass the
+  channels through unchanged (followed), and a cond that computes with them (reported)."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    h = _clipped_relu(nn.Conv(8, (3, 3), name="c1")(x))
+    h = jax.checkpoint(lambda a: nn.relu(a) * 2.0)(h)
+    count = jnp.sum(x) > 0
+    h, n = jax.lax.cond(count, lambda a: (a, 1.0), lambda a: (a, 2.0), h)
+    _, h = jax.lax.fori_loop(0, 2, lambda i, c: (c[0] + 1, c[1]), (0, h))  # a scan
+    _, h = jax.lax.while_loop(lambda c: c[0] < jnp.sum(x) + 2, lambda c: (c[0] + 1.0, c[1]), (0.0, h))
+    h = nn.Conv(6, (3, 3), name="c2")(h) * n
+    h = jax.lax.cond(count, lambda a: a, lambda a: a * 0.5, h)
+    return nn.Dense(5, name="fc")(jnp.mean(nn.Conv(4, (1, 1), name="c3")(h), axis=(1, 2)))

@@ -219,3 +219,11 @@ def test_ops_that_forbid_pruning_are_reported_by_name():
   assert "sort" in net.coupling.fixed[("params/c2/kernel", 3)]
   assert "not followed: sort" in net.coupling.summary()
   assert_kept_whole_is_reported(net)
+
+
+def test_sub_programs_are_inlined_and_control_flow_passes_channels_through():
+  _, _, _, net = trace_small(nets.ControlFlowNet)
+  assert set(net.groups) == {"c1", "c3"}  # c1 through custom_vjp, checkpoint, a cond and a loop; c2 into a branch
+  assert [str(u) for u in net.unfollowed] == [
+      "cond at ControlFlowNet: computes with these channels inside a branch or loop body"]
+  assert_kept_whole_is_reported(net)

@@ -144,7 +144,8 @@ def test_block_search_on_a_traced_residual_network():
 from tests.test_coupling import trace_small  # noqa: E402
 
 ISSUE_NETS = [nets.GroupedConvNet, nets.ChannelShuffleNet, nets.DepthToSpaceNet, nets.DenseToMapNet, nets.GroupNormNet,
-              nets.FusedQKVNet, nets.DenseGeneralNet, nets.AttentionNet, nets.GateNet, nets.RematNet, nets.SortNet]
+              nets.FusedQKVNet, nets.DenseGeneralNet, nets.AttentionNet, nets.GateNet, nets.RematNet, nets.SortNet,
+              nets.ControlFlowNet]
 
 
 def _perturb(variables, seed):

@@ -729,48 +729,50 @@ class _Analysis:
     return [out]
 
   def op_cond(self, e):
-    return self._control(e, [b.jaxpr for b in e.params["branches"]], e.ins[1:], {})
+    branches = [b.jaxpr for b in e.params["branches"]]
+    return self._control(e, [(b, list(range(1, len(e.ins)))) for b in branches], branches, None)
 
   def op_while(self, e):
     cn, bn = e.params["cond_nconsts"], e.params["body_nconsts"]
-    carry = e.ins[cn + bn:]
-    body = e.params["body_jaxpr"].jaxpr
-    # the body's carry inputs are positions bn..; the condition reads (cond consts, carry)
-    cond_uses = {v for eq in e.params["cond_jaxpr"].jaxpr.eqns for v in eq.invars}
-    cond_in = e.params["cond_jaxpr"].jaxpr.invars[cn:]
-    used_by_cond = {i for i, v in enumerate(cond_in) if v in cond_uses or v in e.params["cond_jaxpr"].jaxpr.outvars}
-    return self._control(e, [body], carry, {"offset": bn, "consts": e.ins[:cn + bn], "extra_used": used_by_cond})
+    carry = list(range(cn + bn, len(e.ins)))
+    cond, body = e.params["cond_jaxpr"].jaxpr, e.params["body_jaxpr"].jaxpr
+    return self._control(e, [(cond, list(range(cn)) + carry), (body, list(range(cn, cn + bn)) + carry)], [body],
+                         [cn + bn + j for j in range(len(e.outs))])
 
-  def _control(self, e, bodies, operands, opts):
-    """cond / while: results that are operands passed through unchanged keep their channels; operands
-    computed with inside are kept whole."""
-    off = opts.get("offset", 0)
-    used = set(opts.get("extra_used", ()))
-    passthrough = {}
-    for j in range(len(e.outs)):
-      srcs = set()
-      for body in bodies:
-        ov = body.outvars[j]
-        pos = [i for i, v in enumerate(body.invars[off:]) if v is ov]
-        srcs.add(pos[0] if pos else None)
-      if len(srcs) == 1 and None not in srcs:
-        passthrough[j] = srcs.pop()
-    for body in bodies:
-      inner = body.invars[off:]
+  def op_scan(self, e):
+    nc, ncarry = e.params["num_consts"], e.params["num_carry"]
+    body = e.params["jaxpr"].jaxpr
+    return self._control(e, [(body, list(range(len(e.ins))))], [body],
+                         [nc + j for j in range(ncarry)] + [None] * (len(e.outs) - ncarry))
+
+  def _control(self, e, bodies, producers, same_position):
+    """cond / while / scan: a result that is an operand passed through unchanged (in every branch; a loop's
+    carry at its own position) keeps that operand's channels; operands a body computes with are kept whole.
+
+    ``bodies``: (sub-program, the equation operand index of each of its inputs); ``producers``: the
+    sub-programs giving the results; ``same_position[j]``: the operand result ``j`` must be (loops)."""
+    used = set()
+    sources: dict = {}
+    for body, in_map in bodies:
       for eq in body.eqns:
-        used.update(i for i, v in enumerate(inner) if any(v is w for w in eq.invars))
+        used.update(in_map[i] for i, v in enumerate(body.invars) if any(v is w for w in eq.invars))
+      if not any(body is p for p in producers):
+        used.update(in_map[i] for i, v in enumerate(body.invars) if any(v is w for w in body.outvars))
+        continue
       for j, ov in enumerate(body.outvars):
-        used.update(i for i, v in enumerate(inner) if v is ov and passthrough.get(j) != i)
+        src = next((in_map[i] for i, v in enumerate(body.invars) if v is ov), None)
+        if same_position is not None and src is not None and src != same_position[j]:
+          used.add(src)
+          src = None
+        sources.setdefault(j, set()).add(src)
     for i in sorted(used):
-      if i < len(operands) and any(_is_atoms(x) for x in self.lay(operands[i])):
-        self.give_up(e, "computes with these channels inside a branch or loop body", [operands[i]])
-    for v in opts.get("consts", ()):
-      if any(_is_atoms(x) for x in self.lay(v)):
-        self.give_up(e, "computes with these channels inside a loop body", [v])
+      if any(_is_atoms(x) for x in self.lay(e.ins[i])):
+        self.give_up(e, "computes with these channels inside a branch or loop body", [e.ins[i]])
     outs = []
     for j, o in enumerate(e.outs):
-      if j in passthrough and passthrough[j] not in used:
-        outs.append(list(self.lay(operands[passthrough[j]])))
+      src = sources.get(j, {None})
+      if len(src) == 1 and None not in src and next(iter(src)) not in used:
+        outs.append(list(self.lay(e.ins[next(iter(src))])))
       else:
         outs.append(self.untracked(e, self.p.shape(o)))
     return outs

@@ -434,6 +434,17 @@ def _run_shrunk(e, vals, shrunk: _Shrunk, program: Program):
     body_f = jcore.jaxpr_as_fun(e.params["body_jaxpr"])
     cc, bc, carry = vals[:cn], vals[cn:cn + bn], vals[cn + bn:]
     outs = jax.lax.while_loop(lambda c: cond_f(*cc, *c)[0], lambda c: tuple(body_f(*bc, *c)), tuple(carry))
+  elif e.name == "scan" and any(np.shape(v) != program.shape(i) for v, i in zip(vals, e.ins)):
+    nc, ncarry = e.params["num_consts"], e.params["num_carry"]
+    body = jcore.jaxpr_as_fun(e.params["jaxpr"])
+    consts, carry, xs = vals[:nc], vals[nc:nc + ncarry], vals[nc + ncarry:]
+
+    def step(c, x):
+      out = body(*consts, *c, *x)
+      return tuple(out[:ncarry]), tuple(out[ncarry:])
+
+    carry, ys = jax.lax.scan(step, tuple(carry), tuple(xs), length=e.params["length"], reverse=e.params["reverse"])
+    outs = list(carry) + list(ys)
   else:
     outs = bind(e, vals)
   outs = list(outs)
