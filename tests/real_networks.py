@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _bn(train: bool, axis_name: Optional[str] = None, epsilon: float = 1e-5):
@@ -503,6 +504,29 @@ class ViT(nn.Module):
       x = EncoderBlock(self.heads, self.mlp_dim, self.dropout, train, name=f"encoderblock_{i}")(x)
     x = nn.LayerNorm(name="encoder_norm")(x)
     return nn.Dense(self.num_classes, name="head")(x[:, 0])
+
+
+def random_variables(model, x, seed=0):
+  """Variables of ``model``'s shapes drawn in NumPy (``model.init`` compiles its random ops for seconds): kernels
+  normal with variance 1/fan-in, normalisation scales small (as a zero-initialised residual branch is early in
+  training), variances near 1, biases and means near 0: none of them trivial, so a wrongly sliced leaf shows in
+  the outputs."""
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), x)
+
+  def leaf(path, s):
+    name = str(getattr(path[-1], "key", path[-1]))
+    if len(s.shape) >= 2:
+      value = rng.normal(size=s.shape) / np.sqrt(np.prod(s.shape[:-1]))
+    elif name == "var":
+      value = 1.0 + 0.2 * np.abs(rng.normal(size=s.shape))
+    elif name in ("scale", "gamma"):
+      value = 0.1 + 0.05 * np.abs(rng.normal(size=s.shape))
+    else:
+      value = 0.2 * rng.normal(size=s.shape)
+    return jnp.asarray(value, s.dtype)
+
+  return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
 # name -> (small module for the tests, real-size module for the benchmark, the tests' input shape (a batch), the real

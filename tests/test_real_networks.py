@@ -18,7 +18,7 @@ import pytest
 
 import bpcp_jax as bp
 from bpcp_jax.tracer.network import prunable_fraction
-from tests.real_networks import NETWORKS
+from tests.real_networks import NETWORKS, random_variables
 from tests.test_coupling import assert_kept_whole_is_reported
 
 # name -> (fraction of the kernel parameters that pruning can remove, ops reported as keeping channels whole)
@@ -28,29 +28,6 @@ PINNED = {name: (1.0, []) for name in NETWORKS}
 # the tests compare two compiled programs with each other: XLA's cheapest backend optimization level compiles these
 # networks 2-3x faster
 fast_jit = partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
-
-
-def random_variables(model, x, seed=0):
-  """Variables of ``model``'s shapes drawn in NumPy (``model.init`` compiles its random ops for seconds): kernels
-  normal with variance 1/fan-in, normalisation scales small (as a zero-initialised residual branch is early in
-  training), variances near 1, biases and means near 0: none of them trivial, so a wrongly sliced leaf shows in
-  the outputs."""
-  rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), x)
-
-  def leaf(path, s):
-    name = str(getattr(path[-1], "key", path[-1]))
-    if len(s.shape) >= 2:
-      value = rng.normal(size=s.shape) / np.sqrt(np.prod(s.shape[:-1]))
-    elif name == "var":
-      value = 1.0 + 0.2 * np.abs(rng.normal(size=s.shape))
-    elif name in ("scale", "gamma"):
-      value = 0.1 + 0.05 * np.abs(rng.normal(size=s.shape))
-    else:
-      value = 0.2 * rng.normal(size=s.shape)
-    return jnp.asarray(value, s.dtype)
-
-  return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
 def _train_kwargs(variables):

@@ -548,12 +548,12 @@ def materialize_traced(net: TracedNetwork, variables, masks: Mapping, *example_i
   keep_flat = decision.keep_flat(coupling)
   codes = coupling.codes[program]
   leaf_codes = {path: codes[vid] for vid, path in zip(program.invars[:program.n_vars], program.var_paths)}
-  host = jax.device_get(leaves_by_path(variables))
-  small = {}
-  for path in program.var_paths:
-    if path in live_paths:
-      small[path] = _to_like(slice_array(np.asarray(_leaf(host, path)), leaf_codes[path], keep_flat),
-                             leaves_by_path(variables)[path])
+  leaves = leaves_by_path(variables)
+  host = jax.device_get(leaves)  # one transfer; slicing in NumPy compiles nothing
+  small = {path: slice_array(np.asarray(_leaf(host, path)), leaf_codes[path], keep_flat)
+           for path in program.var_paths if path in live_paths}
+  on_device = [p for p in small if isinstance(leaves[p], jax.Array)]
+  small.update(zip(on_device, jax.device_put([small[p] for p in on_device])))
   small_vars = _nest(small)
   shapes = jax.tree_util.tree_map(abstract_like, small_vars)
   model = PrunedNetwork(decision, shapes)
@@ -563,10 +563,6 @@ def materialize_traced(net: TracedNetwork, variables, masks: Mapping, *example_i
   state = _slice_state(opt_state, set(params.keys()), live_paths, leaf_codes, keep_flat,
                        set(net.blocks), {b for b, k in decision.keep_blocks.items() if k})
   return model, small_vars, state
-
-
-def _to_like(x: np.ndarray, like):
-  return jax.device_put(x) if isinstance(like, jax.Array) else x
 
 
 def _slice_state(state, param_keys: set, live_paths: set, leaf_codes: dict, keep_flat, blocks: set, kept_blocks: set):
@@ -586,7 +582,8 @@ def _slice_state(state, param_keys: set, live_paths: set, leaf_codes: dict, keep
       if code is None or len(code) != np.ndim(leaf):
         raise ValueError(f"optimizer state leaf {path!r} has shape {np.shape(leaf)}, which does not mirror the "
                          "parameter of that name; only states shaped like the parameters can be sliced")
-      out[path] = _to_like(slice_array(np.asarray(jax.device_get(leaf)), code, keep_flat), leaf)
+      sliced = slice_array(np.asarray(jax.device_get(leaf)), code, keep_flat)
+      out[path] = jax.device_put(sliced) if isinstance(leaf, jax.Array) else sliced
     return _nest({k.split("/", 1)[1]: v for k, v in out.items()})
   if isinstance(state, Mapping) and state and set(state.keys()) == blocks:
     return {k: v for k, v in state.items() if k in kept_blocks}
