@@ -102,7 +102,8 @@ class TwoInputNet(nn.Module):
 
 
 class UnfollowableNet(nn.Module):
-  """A LayerNorm over channels and a slice of the channel axis: both must be reported, not pruned."""
+  """A LayerNorm over channels and a slice of the channel axis: both followed (the LayerNorm normalises the kept
+  channels, the slice keeps the kept channels of its range)."""
 
   @nn.compact
   def __call__(self, x, train: bool = False):

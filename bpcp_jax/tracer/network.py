@@ -194,9 +194,13 @@ def masked_apply(net: TracedNetwork, variables, masks: Mapping, *inputs, mode: s
 
   def read_masked(x, vid, axes, fill=0.0):
     for k in axes:
-      m = axis_mask(vid, k, x.ndim, x.dtype)
-      if m is not None:
-        x = x * m if fill == 0.0 else jnp.where(m > 0, x, jnp.asarray(fill, x.dtype))
+      m = axis_mask(vid, k, x.ndim, jnp.float32)
+      if m is None:
+        continue
+      if fill == 0.0 and jnp.issubdtype(x.dtype, jnp.inexact):
+        x = x * m.astype(x.dtype)
+      else:
+        x = jnp.where(m > 0, x, _neutral(fill, x.dtype))
     return x
 
   def hook(idx, e, vals):
@@ -233,6 +237,14 @@ def masked_apply(net: TracedNetwork, variables, masks: Mapping, *inputs, mode: s
   var_leaves = [_leaf(leaves, p) for p in program.var_paths]
   return run_program(program, var_leaves, jax.tree_util.tree_leaves(inputs), _rng_leaves(program, rngs, mode),
                      hook=hook)
+
+
+def _neutral(fill, dtype):
+  """``fill`` (0, 1, +-inf, True, False: what leaves a reduction unchanged) in ``dtype``."""
+  if jnp.issubdtype(dtype, jnp.integer) and np.isinf(fill):
+    info = jnp.iinfo(dtype)
+    return jnp.asarray(info.min if fill < 0 else info.max, dtype)
+  return jnp.asarray(fill, dtype)
 
 
 def _leaf(leaves: Mapping, path: str):
