@@ -249,6 +249,16 @@ class RematNet(nn.Module):
     return nn.Dense(5, name="fc")(jnp.mean(h, axis=(1, 2)))
 
 
+class WeightNormNet(nn.Module):
+  """Weights computed from two variables before use: weight normalisation (kernel / |kernel| * scale)."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    h = nn.relu(nn.WeightNorm(nn.Conv(8, (3, 3)), name="c1")(x))
+    h = nn.relu(nn.WeightNorm(nn.Conv(6, (3, 3)), name="c2")(h))
+    return nn.Dense(5, name="fc")(jnp.mean(h, axis=(1, 2)))
+
+
 class SortNet(nn.Module):
   """A sort along the channel axis: no kept subset gives the same result, so it must be reported."""
 

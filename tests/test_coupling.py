@@ -227,3 +227,10 @@ def test_sub_programs_are_inlined_and_control_flow_passes_channels_through():
   assert [str(u) for u in net.unfollowed] == [
       "cond at ControlFlowNet: computes with these channels inside a branch or loop body"]
   assert_kept_whole_is_reported(net)
+
+
+def test_weights_computed_from_two_variables_are_named_after_the_kernel():
+  _, _, _, net = trace_small(nets.WeightNormNet)
+  # (the wrapped convolutions are created in the parent's scope: Conv_0, Conv_1; their scales under c1, c2)
+  assert set(net.groups) == {"Conv_0", "Conv_1"} and net.unfollowed == []
+  assert ("params/c1/Conv_0/kernel/scale", 0) in net.groups["Conv_0"].members

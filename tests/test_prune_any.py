@@ -145,7 +145,7 @@ from tests.test_coupling import trace_small  # noqa: E402
 
 ISSUE_NETS = [nets.GroupedConvNet, nets.ChannelShuffleNet, nets.DepthToSpaceNet, nets.DenseToMapNet, nets.GroupNormNet,
               nets.FusedQKVNet, nets.DenseGeneralNet, nets.AttentionNet, nets.GateNet, nets.RematNet, nets.SortNet,
-              nets.ControlFlowNet]
+              nets.ControlFlowNet, nets.WeightNormNet]
 
 
 def _perturb(variables, seed):
@@ -299,3 +299,25 @@ def test_count_traced_on_any_network_and_independent_of_the_traced_batch():
   assert counts[0] == counts[1] == 64 * 4 * 3 * 9 + 64 * 4 * 2 * 9
   with pytest.raises(ValueError, match="example inputs"):
     bp.count_traced(model, variables)
+
+
+def test_masked_apply_in_a_jitted_differentiated_train_step():
+  """What a training loop does: gradients of a train-mode loss in the parameters and the block gates, with
+  mutable statistics and dropout keys."""
+  model, variables, inputs, _ = trace_small(nets.MobileNet, batch=4)
+  net = bp.trace_network(model, variables, *inputs, modes={"eval": {}, "train": {**TRAIN, "rngs": {
+      "dropout": jax.random.key(0)}}})
+  masks = _random_traced_masks(net, 0, drop_blocks=False)
+
+  @jax.jit
+  def step(params, gates, key):
+    def loss(params, gates):
+      out, upd = bp.masked_apply(net, {**variables, "params": params}, masks, *inputs, mode="train",
+                                 block_gates=gates, rngs={"dropout": key})
+      return jnp.mean(out ** 2), upd
+    return jax.grad(loss, argnums=(0, 1), has_aux=True)(params, gates)
+
+  (g_params, g_gates), upd = step(variables["params"], {"project": jnp.float32(1.0)}, jax.random.key(1))
+  assert float(jnp.abs(g_gates["project"])) > 0
+  assert all(bool(jnp.isfinite(g).all()) for g in jax.tree_util.tree_leaves(g_params))
+  assert jax.tree_util.tree_structure(upd["batch_stats"]) == jax.tree_util.tree_structure(variables["batch_stats"])

@@ -241,6 +241,7 @@ class _Analysis:
     self.divisors: dict = {}  # eqn index -> (operand, value id, axes)
     # value id -> the variable a parameter-only value was computed from (casts, squeezes, ...)
     self.origin = {vid: path for vid, path in zip(program.invars, program.var_paths)}
+    self.var_shape = {path: program.shape(vid) for vid, path in zip(program.invars, program.var_paths)}
     rng = set(program.rng_ids)
     for i, vid in enumerate(program.invars):
       shape = program.shape(vid)
@@ -338,10 +339,15 @@ class _Analysis:
         self.data_dep.update(e.outs)
       if any(v in self.var_dep for v in ins):
         self.var_dep.update(e.outs)
-      if not data:
+      if not data:  # a weight computed from variables is named after the one of its shape (weight norm: the kernel)
         sources = {self.origin.get(v) for v in ins}
         if len(sources) == 1 and None not in sources:
           self.origin.update((o, next(iter(sources))) for o in e.outs)
+        else:
+          for o in e.outs:
+            same = [p for p in sources if p is not None and self.var_shape[p] == self.p.shape(o)]
+            if len(same) == 1:
+              self.origin[o] = same[0]
       try:
         outs = self.dispatch(e)
       except Exception as err:  # noqa: BLE001 - an op's rule failing must report that op, not abort the analysis

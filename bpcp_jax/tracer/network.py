@@ -529,14 +529,18 @@ def _replace_leaves(tree, prefix, updates):
   return jax.tree_util.tree_unflatten(treedef, [x for x in out])
 
 
-def _nest(flat: dict) -> dict:
-  out: dict = {}
-  for path, leaf in flat.items():
-    node = out
-    parts = path.split("/")
-    for part in parts[:-1]:
-      node = node.setdefault(part, {})
-    node[parts[-1]] = leaf
+def _select_leaves(tree: Mapping, values: Mapping, prefix: tuple = ()) -> dict:
+  """``tree``'s nesting with each leaf replaced by ``values[its path string]``; leaves not in
+  ``values``, and dicts left empty, are dropped. (Keys may contain "/", as flax's WeightNorm's do.)"""
+  out = {}
+  for k, v in tree.items():
+    path = prefix + (k,)
+    if isinstance(v, Mapping):
+      sub = _select_leaves(v, values, path)
+      if sub:
+        out[k] = sub
+    elif "/".join(map(str, path)) in values:
+      out[k] = values["/".join(map(str, path))]
   return out
 
 
@@ -566,7 +570,7 @@ def materialize_traced(net: TracedNetwork, variables, masks: Mapping, *example_i
            for path in program.var_paths if path in live_paths}
   on_device = [p for p in small if isinstance(leaves[p], jax.Array)]
   small.update(zip(on_device, jax.device_put([small[p] for p in on_device])))
-  small_vars = _nest(small)
+  small_vars = _select_leaves(variables, small)
   shapes = jax.tree_util.tree_map(abstract_like, small_vars)
   model = PrunedNetwork(decision, shapes)
   if opt_state is None:
@@ -581,22 +585,22 @@ def _slice_state(state, param_keys: set, live_paths: set, leaf_codes: dict, keep
   """Slice the sub-trees of an optimizer state that mirror the parameters, as the parameters are."""
   recurse = lambda s: _slice_state(s, param_keys, live_paths, leaf_codes, keep_flat, blocks, kept_blocks)  # noqa: E731
   if isinstance(state, Mapping) and state and set(state.keys()) == param_keys:
-    out = {}
-    for p, leaf in jax.tree_util.tree_flatten_with_path(
-        dict(state), is_leaf=lambda x: isinstance(x, optax.MaskedNode))[0]:
+    values = {}
+    for p, leaf in jax.tree_util.tree_flatten_with_path(dict(state),
+                                                         is_leaf=lambda x: isinstance(x, optax.MaskedNode))[0]:
       path = "params/" + path_str(p)
       if path not in live_paths:
         continue
       if isinstance(leaf, optax.MaskedNode) or np.ndim(leaf) == 0:
-        out[path] = leaf
+        values[path] = leaf
         continue
       code = leaf_codes.get(path)
       if code is None or len(code) != np.ndim(leaf):
         raise ValueError(f"optimizer state leaf {path!r} has shape {np.shape(leaf)}, which does not mirror the "
                          "parameter of that name; only states shaped like the parameters can be sliced")
       sliced = slice_array(np.asarray(jax.device_get(leaf)), code, keep_flat)
-      out[path] = jax.device_put(sliced) if isinstance(leaf, jax.Array) else sliced
-    return _nest({k.split("/", 1)[1]: v for k, v in out.items()})
+      values[path] = jax.device_put(sliced) if isinstance(leaf, jax.Array) else sliced
+    return _select_leaves(state, values, ("params",))
   if isinstance(state, Mapping) and state and set(state.keys()) == blocks:
     return {k: v for k, v in state.items() if k in kept_blocks}
   if isinstance(state, Mapping):
