@@ -506,13 +506,13 @@ class ViT(nn.Module):
     return nn.Dense(self.num_classes, name="head")(x[:, 0])
 
 
-def random_variables(model, x, seed=0):
+def random_variables(model, *inputs, seed=0):
   """Variables of ``model``'s shapes drawn in NumPy (``model.init`` compiles its random ops for seconds): kernels
   normal with variance 1/fan-in, normalisation scales small (as a zero-initialised residual branch is early in
   training), variances near 1, biases and means near 0: none of them trivial, so a wrongly sliced leaf shows in
   the outputs."""
   rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), x)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), *inputs)
 
   def leaf(path, s):
     name = str(getattr(path[-1], "key", path[-1]))
