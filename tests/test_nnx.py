@@ -32,13 +32,13 @@ class Block(nnx.Module):
 class CNN(nnx.Module):
   """Stem, residual blocks in an ``nnx.List``, a depthwise conv, a dense head with dropout."""
 
-  def __init__(self, rngs, project=(False, False)):
+  def __init__(self, rngs, project=(False, False), rate=0.3):
     self.stem = nnx.Conv(3, 8, (3, 3), rngs=rngs)
     self.bn = nnx.BatchNorm(8, momentum=0.9, rngs=rngs)
     self.blocks = nnx.List([Block(8, rngs, p) for p in project])
     self.dw = nnx.Conv(8, 16, (3, 3), feature_group_count=8, rngs=rngs)
     self.fc = nnx.Linear(16, 12, rngs=rngs)
-    self.drop = nnx.Dropout(0.3, rngs=rngs)
+    self.drop = nnx.Dropout(rate, rngs=rngs)
     self.head = nnx.Linear(12, 5, rngs=rngs)
 
   def __call__(self, x):
@@ -52,8 +52,8 @@ class CNN(nnx.Module):
 _run = nnx.jit(lambda m, x: m(x))  # one compilation per module structure and mode
 
 
-def _model(project=(False, False)):
-  return _numpy_init(lambda: CNN(nnx.Rngs(0), project))
+def _model(project=(False, False), rate=0.3):
+  return _numpy_init(lambda: CNN(nnx.Rngs(0), project, rate))
 
 
 def _numpy_init(factory):
@@ -101,7 +101,9 @@ X = np.random.default_rng(0).normal(size=(4, 8, 8, 3)).astype(np.float32)
 
 
 def test_nnx_cnn_pruned_and_materialized_equals_masked_in_eval_and_train_mode():
-  model = _model()
+  # no dropout, so that the train mode compares exactly (a narrowed Dropout draws its own mask:
+  # see test_nnx_dropout_network_materialized)
+  model = _model(rate=0.0)
   net, variables = bp.trace_nnx(model, X)
   assert set(net.blocks) == {"blocks/0", "blocks/1"} and "stem" in net.groups
   masks = _masks(net, remove=("blocks/0",))
@@ -114,8 +116,9 @@ def test_nnx_cnn_pruned_and_materialized_equals_masked_in_eval_and_train_mode():
   _, params, stats, _ = nnx.split(small, nnx.Param, nnx.BatchStat, ...)
   assert _shapes({"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(stats)}) == _shapes(small_vars)
   kept = int(masks["channels"]["stem"].sum())
+  per_group = int(masks["channels"]["dw"].sum())  # the depthwise multiplier's kept positions (of 2)
   assert small.stem.out_features == kept < 8 and small.dw.feature_group_count == kept
-  assert small.dw.in_features == kept and small.dw.out_features == 2 * kept
+  assert small.dw.in_features == kept and small.dw.out_features == per_group * kept
 
   # eval: the module called as users call it, jitted by nnx.jit
   small.eval()
@@ -130,9 +133,21 @@ def test_nnx_cnn_pruned_and_materialized_equals_masked_in_eval_and_train_mode():
   _close(nnx.to_pure_dict(nnx.state(small, nnx.BatchStat)), want["batch_stats"])
 
   # a checkpoint: the class (a factory), the plan as JSON and the variables give the same module
-  restored = bp.narrow_nnx(_model(), json.loads(json.dumps(report.plan)), small_vars)
+  restored = bp.narrow_nnx(_model(rate=0.0), json.loads(json.dumps(report.plan)), small_vars)
   restored.eval()
   _close(_run(restored, X), evaluated)
+
+
+def test_nnx_dropout_network_materialized():
+  net, variables = bp.trace_nnx(_model(), X)
+  masks = _masks(net, remove=("blocks/1",))
+  small, report = bp.materialize_nnx(net, variables, masks, X)
+  assert type(small) is CNN and set(report.max_abs_diff) == {"eval"}  # train mode: compared in shapes
+  small.eval()
+  _close(_run(small, X), jax.jit(lambda v: bp.masked_apply(net, v, masks, X))(variables))
+  small.train()
+  a, b = _run(small, X), _run(small, X)  # the module's own rng stream advances
+  assert a.shape == b.shape and float(jnp.abs(a - b).max()) > 1e-4
 
 
 def test_nnx_removed_projection_block_is_reported():

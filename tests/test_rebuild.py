@@ -24,13 +24,14 @@ class VGG(nn.Module):
   """Conv-BN-ReLU-pool stages, a flatten, dropout and two dense layers."""
 
   widths: tuple = (8, 16)
+  rate: float = 0.3
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     for f in self.widths:
       x = nn.max_pool(nn.relu(_bn(train)(nn.Conv(f, (3, 3), use_bias=False)(x))), (2, 2), (2, 2))
-    x = nn.Dropout(0.3, deterministic=not train)(x.reshape((x.shape[0], -1)))
-    x = nn.Dropout(0.3, deterministic=not train)(nn.relu(nn.Dense(16)(x)))
+    x = nn.Dropout(self.rate, deterministic=not train)(x.reshape((x.shape[0], -1)))
+    x = nn.Dropout(self.rate, deterministic=not train)(nn.relu(nn.Dense(16)(x)))
     return nn.Dense(4)(x)
 
 
@@ -191,7 +192,8 @@ def _apply(module, variables, x, **kw):
 
 
 def _masked(net, variables, masks, x, mode="eval"):
-  return jax.jit(lambda v, x: bp.masked_apply(net, v, masks, x, mode=mode))(variables, x)
+  rngs = net.modes[mode].get("rngs")  # the keys the rebuilt module is called with
+  return jax.jit(lambda v, x: bp.masked_apply(net, v, masks, x, mode=mode, rngs=rngs))(variables, x)
 
 
 def _shapes(tree):
@@ -223,15 +225,25 @@ def _rebuilt(model, remove=(), seed=0, **setup):
 
 
 def test_vgg_with_batchnorm_and_dropout():
-  x, variables, net, masks, small_vars, rebuilt, report = _rebuilt(VGG())
+  # without random ops, the train mode compares exactly (outputs and updated statistics)
+  _, _, _, _, _, _, report = _rebuilt(VGG(rate=0.0))
   assert report.plan["layers"], "nothing was narrowed"
-  # another batch size, jitted; dropout draws from the rngs given at call time
+  # with dropout, a narrowed Dropout draws its own mask: eval exact, train mode in shapes, and
+  # dropout draws from the rngs given at call time
+  model = VGG()
+  x, variables, net = _setup(model)
+  masks = _masks(net, 0)
+  _, small_vars = bp.materialize_traced(net, variables, masks)
+  rebuilt, report = bp.rebuild(net, small_vars, masks, x)
+  assert report.rebuilt and not report.problems, report
+  assert isinstance(rebuilt, VGG) and set(report.max_abs_diff) == {"eval"}
   x7 = np.random.default_rng(3).normal(size=(7, 8, 8, 3)).astype(np.float32)
   _close(jax.jit(rebuilt.apply)(small_vars, x7), _masked(net, variables, masks, x7))
   run = jax.jit(lambda v, x, key: rebuilt.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": key}))
-  a, _ = run(small_vars, x7, jax.random.key(1))
+  a, upd = run(small_vars, x7, jax.random.key(1))
   b, _ = run(small_vars, x7, jax.random.key(2))
   assert float(np.abs(np.asarray(a) - np.asarray(b)).max()) > 1e-3
+  assert _shapes(upd["batch_stats"]) == _shapes(small_vars["batch_stats"])
 
 
 def test_resnet_identity_blocks_removed_methods_tabulate_and_json_plan():

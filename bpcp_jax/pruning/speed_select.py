@@ -45,9 +45,25 @@ from bpcp_jax.tracer.network import (
 COSTS = ("macs", "latency")
 
 
-def _leaf_codes(net: TracedNetwork, program, coupling, path: str, axis: int) -> np.ndarray:
+def _leaf_codes(net: TracedNetwork, program, coupling, path: str, axis: int) -> Optional[np.ndarray]:
   vid = program.invars[program.var_paths.index(path)]
   return coupling.codes[program][vid][axis]
+
+
+def _score_into(row: np.ndarray, code: Optional[np.ndarray], off: int, values: np.ndarray) -> bool:
+  """``row[c - off] = fmax(row, values at the positions with a factor c of this group)``; whether any matched.
+
+  ``code`` is (positions, factors): a position of a split axis (GroupNorm groups, attention heads
+  and head dimensions) is a product of several groups' channels."""
+  if code is None:
+    return False
+  found = False
+  for f in range(code.shape[1]):
+    sel = (code[:, f] >= off) & (code[:, f] < off + len(row))
+    if sel.any():
+      np.fmax.at(row, code[sel, f] - off, values[sel])
+      found = True
+  return found
 
 
 def traced_importance(net: TracedNetwork, variables, criterion: str = "bn_scale", *, reduce: str = "max",
@@ -58,7 +74,11 @@ def traced_importance(net: TracedNetwork, variables, criterion: str = "bn_scale"
   group without one falls back to ``l1``. ``l1`` / ``l2`` / ``cop``: the filters producing the
   channel (``channel_prune``'s filter criteria; L1 and L2 norms divided by their layer's mean, so
   layers of different fan-in compare). ``random``: uniform scores drawn from ``key``. Several
-  members of one channel are combined by ``reduce`` (``max``, ``mean`` or ``sum``).
+  members of one channel are combined by ``reduce`` (``max``, ``mean`` or ``sum``); within one
+  member, the positions a channel is a factor of (a group of a split axis: GroupNorm groups,
+  attention heads, head dimensions; a depthwise multiplier) count by their largest score.
+
+  Raises ``ValueError`` for an unknown criterion or reduction, or ``random`` without a key.
   """
   from bpcp_jax.pruning.channel_prune import CRITERIA, REDUCTIONS, _filter_scores
 
@@ -71,8 +91,8 @@ def traced_importance(net: TracedNetwork, variables, criterion: str = "bn_scale"
       raise ValueError("criterion 'random' needs a PRNG key (key=...)")
     keys = jax.random.split(key, max(len(net.groups), 1))
     return {name: np.asarray(jax.random.uniform(k, (g.width,))) for (name, g), k in zip(net.groups.items(), keys)}
-  program, coupling = net.traced("eval", example_inputs_of(net))
-  leaves = {path: np.asarray(x) for path, x in leaves_by_path(variables).items()}
+  program, coupling = net.traced(next(iter(net.modes)), example_inputs_of(net))
+  leaves = {path: np.asarray(x) for path, x in jax.device_get(leaves_by_path(variables)).items()}
   reducer = {"max": np.nanmax, "mean": np.nanmean, "sum": np.nansum}[reduce]
   scores = {}
   for name, g in net.groups.items():
@@ -80,15 +100,13 @@ def traced_importance(net: TracedNetwork, variables, criterion: str = "bn_scale"
     rows = []
 
     def add(path, axis, values):
-      code = _leaf_codes(net, program, coupling, path, axis)
-      sel = (code >= off) & (code < off + g.width)
       row = np.full(g.width, np.nan)
-      np.fmax.at(row, code[sel] - off, values[sel])  # positions of one channel (a depthwise multiplier): max
-      rows.append(row)
+      if _score_into(row, _leaf_codes(net, program, coupling, path, axis), off, values):
+        rows.append(row)
 
     if criterion == "bn_scale":
       for path, axis in g.members:
-        if path.startswith("params/") and path.endswith("/scale") and leaves[path].ndim == 1:
+        if path.startswith("params/") and path.endswith("/scale") and path in leaves and leaves[path].ndim == 1:
           add(path, axis, np.abs(leaves[path].astype(np.float64)))
     if not rows:
       filter_criterion = "l1" if criterion == "bn_scale" else criterion
@@ -98,7 +116,8 @@ def traced_importance(net: TracedNetwork, variables, criterion: str = "bn_scale"
         kernel = leaves[path]
         for axis in range(kernel.ndim):
           code = _leaf_codes(net, program, coupling, path, axis)
-          if code is None or not ((code >= off) & (code < off + g.width)).any():
+          if code is None or not any(((code[:, f] >= off) & (code[:, f] < off + g.width)).any()
+                                     for f in range(code.shape[1])):
             continue
           values = _filter_scores(np.moveaxis(kernel, axis, -1), filter_criterion)
           if filter_criterion != "cop":
@@ -150,6 +169,13 @@ class _Search:
     self.inputs = example_inputs_of(net, batch)
     self.program, self.coupling = net.traced("eval", self.inputs)
     self.codes = self.coupling.codes[self.program]
+    # MACs per example are counted on the batch-1 program (as count_traced does), when it has the same equations
+    self.macs_program = net.traced("eval", example_inputs_of(net, 1))[0] if batch != 1 else self.program
+    if [e.name for e in self.macs_program.eqns] != [e.name for e in self.program.eqns]:
+      self.macs_program = self.program
+    self.macs_codes = self.coupling.codes[self.program] if self.macs_program is self.program else \
+        net.traced("eval", example_inputs_of(net, 1))[1].codes[self.macs_program]
+    self.macs_batch = batch if self.macs_program is self.program else 1
     p, c = self.program, self.coupling
     self.total = c.total_channels
     self.keep = np.ones(self.total + 1, bool)
@@ -195,7 +221,8 @@ class _Search:
     return shape_under(self.program, self.codes, keep, v)
 
   def _macs(self, idx, keep) -> int:
-    return eqn_macs(self.program.eqns[idx], lambda v: self._shape(v, keep))
+    return eqn_macs(self.macs_program.eqns[idx],
+                    lambda v: shape_under(self.macs_program, self.macs_codes, keep, v))
 
   def _cost(self, idx, keep) -> float:
     if self.cost_kind == "macs":
@@ -216,7 +243,7 @@ class _Search:
     return float(sum(self.eqn_cost[i] for i in self.live))
 
   def total_macs(self) -> int:
-    return int(sum(self.macs[i] for i in self.live)) // self.batch
+    return int(sum(self.macs[i] for i in self.live)) // self.macs_batch
 
   # -- candidate actions ---------------------------------------------------------------------
   def group_alive(self, g) -> bool:

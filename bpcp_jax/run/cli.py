@@ -314,6 +314,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"bpcp-jax: error: {e}", file=sys.stderr)
     return 3
   except (ConfigError, DataError, CheckpointError, ValueError) as e:
+    if os.environ.get("BPCP_JAX_TRACEBACK"):  # for bug reports: the whole traceback
+      raise
     print(f"bpcp-jax: error: {e}", file=sys.stderr)
     return 2
   except OSError as e:  # unwritable or full work directory, missing files: name the path

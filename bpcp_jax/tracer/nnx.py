@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 
 from bpcp_jax.tracer.network import TracedNetwork, leaves_by_path, materialize_traced, trace_network
-from bpcp_jax.tracer.rebuild import (PLAN_FORMAT, RebuildError, RebuildReport, _Call, _check_plan, _concrete_inputs,
+from bpcp_jax.tracer.rebuild import (PLAN_FORMAT, conv_groups, draws_random_numbers, RebuildError, RebuildReport, _Call, _check_plan, _concrete_inputs,
                                      _max_diff, _shapes, removed_block_modules)
 
 COLLECTIONS = {"params": nnx.Param, "batch_stats": nnx.BatchStat}
@@ -209,10 +209,12 @@ def _linear_general(m):
   return {"in_features": k[nb:nb + nin], "out_features": k[nb + nin:]}
 
 
-def _conv(m):
+def _conv(m, groups_run: Optional[int] = None):
   k = _shape(m, "kernel")
   groups = m.feature_group_count
-  if groups > 1:  # depthwise: the group count follows the output width (multiplier fixed)
+  if groups > 1 and groups_run is not None:  # as the pruned program convolves
+    groups = groups_run
+  elif groups > 1:  # no program: the group count follows the output width (multiplier fixed)
     if (groups * k[-1]) % m.out_features:
       raise ValueError(f"feature_group_count={groups} does not divide the kept width {k[-1]} into equal groups")
     groups = groups * k[-1] // m.out_features
@@ -250,9 +252,11 @@ RULES = (
 )
 
 
-def _layer_widths(model, old_shapes: Mapping, problems: list, notes: list) -> dict:
+def _layer_widths(model, old_shapes: Mapping, problems: list, notes: list, groups: Optional[Mapping] = None) -> dict:
   """``{path: {attribute: value}}``: the shape attributes of every layer of a known type, from its
-  (already written) variables (a complete table, so that it also rebuilds a module pruned twice)."""
+  (already written) variables (a complete table, so that it also rebuilds a module pruned twice);
+  ``groups``: ``{path: feature_group_count}`` of the grouped convolutions as the pruned program runs them."""
+  groups = groups or {}
   old = {k: tuple(v.shape) for k, v in leaves_by_path(old_shapes).items()}
   layers = {}
   for path, m in nnx.iter_modules(model):
@@ -267,7 +271,7 @@ def _layer_widths(model, old_shapes: Mapping, problems: list, notes: list) -> di
                      f"{', '.join(changed)}), assumed to take them from its input")
       continue
     try:
-      attrs = rule(m)
+      attrs = rule(m, groups.get(name)) if rule is _conv else rule(m)
     except ValueError as err:
       problems.append(f"{name or '<top>'}: {err}")
       continue
@@ -360,7 +364,8 @@ def materialize_nnx(net: TracedNetwork, variables, masks: Mapping, *example_inpu
     _write(model, leaves_by_path(small_vars), missing)
     if missing:
       problems.append(f"{missing[0]}: a variable the pruning dropped, though its module is not a removed block")
-    plan["layers"] = _layer_widths(model, net.var_shapes, problems, notes)
+    groups = {k.split("/")[-1].replace(".", "/"): v for k, v in conv_groups(net, masks, inputs).items()}
+    plan["layers"] = _layer_widths(model, net.var_shapes, problems, notes, groups)
   diffs: dict = {}
   if not problems:
     model = narrow_nnx(adapter.merge(), plan, small_vars)  # what a checkpoint restores
@@ -389,6 +394,11 @@ def _check(small: NnxNetwork, reference, small_vars, inputs, modes: Mapping, tol
     except Exception as err:  # noqa: BLE001 - any failure of user code means: not materializable
       problems.append(f"<top>: the materialized module fails in {mode} mode: {type(err).__name__}: "
                       f"{str(err).splitlines()[0]}")
+      continue
+    if draws_random_numbers(reference.decision.net, mode, tuple(inputs)):
+      # a narrowed nnx.Dropout draws its own mask (the pruned program: at full width, sliced)
+      if _shapes(out) != _shapes(ref):
+        problems.append(f"<top>: in {mode} mode the materialized module returns other shapes than the pruned program")
       continue
     diffs[mode] = _max_diff(leaves_by_path({"out": out}), leaves_by_path({"out": ref}))
     if not diffs[mode] <= tol:

@@ -210,7 +210,11 @@ class FlaxNetwork(PrunableNetwork):
       from bpcp_jax.tracer.network import masked_apply
 
       masks = self.init_masks() if masks is None else masks
-      out = masked_apply(self.traced, variables, masks, x, mode="train" if train else "eval", block_gates=block_gates)
+      mode = "train" if train else "eval"
+      draws = self.traced.traced(mode, (self.example(x.shape[0]),))[0].rng_names if train else ()
+      key = jax.random.key(0) if rng is None else rng  # typed or raw: the program takes either
+      out = masked_apply(self.traced, variables, masks, x, mode=mode, block_gates=block_gates,
+                         rngs={n: key for n in draws} or None)
       if not train:
         return out
       logits, stats = (out[0], out[1].get("batch_stats", {})) if has_stats else (out, {})

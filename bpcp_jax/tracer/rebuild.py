@@ -46,7 +46,7 @@ import jax
 import numpy as np
 
 from bpcp_jax.tracer.network import (PrunedNetwork, TracedNetwork, abstract_like, example_inputs_of,
-                                     prune_decision)
+                                     _shrink, prune_decision)
 from bpcp_jax.tracer.program import Lit
 
 PLAN_FORMAT = "bpcp_jax.plan/1"
@@ -71,7 +71,9 @@ class RebuildReport:
   """What ``rebuild`` did. ``rebuilt``: the module returned is the user's class (else the
   ``PrunedNetwork``); ``problems``: ``"<module path>: <reason>"`` for each reason it is not;
   ``max_abs_diff``: per traced mode, the largest difference between the rebuilt module and the
-  ``PrunedNetwork`` (outputs and updated collections) on the example inputs; ``assumed``: layers
+  ``PrunedNetwork`` (outputs and updated collections) on the example inputs (a mode that draws
+  random numbers, e.g. dropout in train mode, is compared in shapes only: a narrowed dropout layer
+  draws its own mask); ``assumed``: layers
   of types it does not know whose widths were taken to follow their inputs (checked)."""
 
   rebuilt: bool
@@ -214,7 +216,7 @@ def _rule_for(module):
   return None
 
 
-def _layer_attrs(module, old_shapes, new_shapes, path) -> tuple[dict, Optional[str]]:
+def _layer_attrs(module, old_shapes, new_shapes, path, groups: Optional[int] = None) -> tuple[dict, Optional[str]]:
   """The attributes of ``module`` that change from the dense to the pruned shapes, and a note when
   its type is unknown but its variables change shape (assumed to take their widths from its input,
   which the check of the rebuilt module then confirms or refutes)."""
@@ -233,7 +235,9 @@ def _layer_attrs(module, old_shapes, new_shapes, path) -> tuple[dict, Optional[s
   new = rule(module, own_new, lambda n: _own_shapes(new_shapes, path + (n,)))
   attrs = {}
   for key, value in new.items():
-    if isinstance(value, tuple) and value and value[0] in ("per_group_out", "per_group"):
+    if key == "feature_group_count" and groups is not None:  # as the pruned program convolves
+      value, old_value = groups, getattr(module, key)
+    elif isinstance(value, tuple) and value and value[0] in ("per_group_out", "per_group"):
       # a count that keeps the per-group size: new = old_count * new_width / old_width
       count, old_w, new_w = getattr(module, key), old[key][1], value[1]
       if (count * new_w) % old_w:
@@ -380,16 +384,20 @@ def removed_block_modules(net: TracedNetwork, masks: Mapping, calls: Mapping, in
   return removed, problems
 
 
-def _widths(calls: Mapping, old_shapes, new_shapes, removed, problems: list, notes: list) -> dict:
+def _widths(calls: Mapping, old_shapes, new_shapes, removed, problems: list, notes: list,
+            groups: Optional[Mapping] = None) -> dict:
   """The plan's ``layers``: ``{module path: {attribute: JSON value}}`` of the modules called
-  (outside the removed blocks) whose widths change; problems and notes appended to the lists."""
+  (outside the removed blocks) whose widths change; problems and notes appended to the lists.
+  ``groups``: ``{module path: feature_group_count}`` of the grouped convolutions as the pruned
+  program runs them (whole groups and per-group widths may both be pruned)."""
   layers = {}
+  groups = groups or {}
   for call in calls.values():
     path = "/".join(call.path)
     if path in layers or any(_under(path, r) for r in removed if path):
       continue
     try:
-      attrs, note = _layer_attrs(call.module, old_shapes, new_shapes, call.path)
+      attrs, note = _layer_attrs(call.module, old_shapes, new_shapes, call.path, groups.get(path))
     except _Cannot as err:
       problems.append(f"{path or '<top>'}: {err}")
       continue
@@ -415,13 +423,32 @@ def layer_widths(model: nn.Module, variables, small_variables, *inputs, modes: O
   return layers
 
 
+def draws_random_numbers(net: TracedNetwork, mode: str, inputs) -> bool:
+  """Whether the traced ``mode`` draws random numbers (dropout, drop-path)."""
+  program, _ = net.traced(mode, inputs)
+  return any(e.name in ("random_bits", "threefry2x32") for e in program.eqns)
+
+
+def conv_groups(net: TracedNetwork, masks: Mapping, inputs) -> dict:
+  """``{module path: feature_group_count}`` of every grouped convolution as the materialized
+  program runs it (kept input width / kept kernel input width), from the traced modes."""
+  decision = prune_decision(net, masks)
+  out = {}
+  for mode in net.modes:
+    program, _ = net.traced(mode, inputs)
+    for idx, e in _shrink(decision, mode, inputs).eqns:
+      if e.name == "conv_general_dilated" and program.eqns[idx].params["feature_group_count"] > 1:
+        out["/".join(e.where.split("/")[1:])] = int(e.params["feature_group_count"])
+  return out
+
+
 def _plan(net: TracedNetwork, small_variables, masks: Mapping, inputs) -> tuple[dict, list, list]:
   """(plan, problems, notes): see ``pruning_plan``."""
   calls = record_calls(net.model, net.var_shapes, inputs, net.modes)
   new_shapes = _shapes(small_variables)
   removed, problems = removed_block_modules(net, masks, calls, inputs, new_shapes)
   notes: list = []
-  layers = _widths(calls, net.var_shapes, new_shapes, removed, problems, notes)
+  layers = _widths(calls, net.var_shapes, new_shapes, removed, problems, notes, conv_groups(net, masks, inputs))
   cls = type(net.model)
   cls = getattr(cls, "_bpcp_base", cls)
   previous = plan_of(net.model)  # pruning a rebuilt network again: the plan from the original class
@@ -546,7 +573,8 @@ def check_rebuilt(module, reference: PrunedNetwork, small_variables, inputs, mod
                   tol: float = 1e-5) -> tuple[list, dict]:
   """``(problems, max_abs_diff)``: ``module.init`` must create exactly the shapes of
   ``small_variables``, and ``module.apply`` must equal ``reference`` (outputs and updated
-  collections) in every mode named ``"eval"`` or ``"train"`` to ``tol`` (relative to max(1, |x|))."""
+  collections) in every mode named ``"eval"`` or ``"train"`` to ``tol`` (relative to max(1, |x|));
+  a mode with ``rngs`` (dropout) must give the same shapes."""
   problems, diffs = [], {}
   eval_kw = dict(next(iter(modes.values())))
   init_kw = {k: v for k, v in eval_kw.items() if k not in ("mutable", "rngs")}
@@ -567,6 +595,8 @@ def check_rebuilt(module, reference: PrunedNetwork, small_variables, inputs, mod
     if mode not in ("eval", "train"):
       continue
     ref_kw = {"train": mode == "train", "mutable": kw.get("mutable", False)}
+    if kw.get("rngs"):  # random ops draw from the keys given at call time, in both
+      ref_kw["rngs"] = kw["rngs"]
     want = jax.jit(lambda v, x: reference.apply(v, *x, **ref_kw))(small_variables, inputs)
     failed_at = []
     try:
@@ -575,6 +605,13 @@ def check_rebuilt(module, reference: PrunedNetwork, small_variables, inputs, mod
     except Exception as err:  # noqa: BLE001
       problems.append(f"{failed_at[0] if failed_at else '<top>'}: the narrowed class fails in {mode} mode: "
                       f"{type(err).__name__}: {str(err).splitlines()[0]}")
+      continue
+    if draws_random_numbers(reference.decision.net, mode, inputs):
+      # random ops (dropout) draw at each layer's own width in the narrowed class, at full width and
+      # sliced in the pruned program: another draw of the same distribution, so only shapes compare
+      shapes = lambda t: jax.tree_util.tree_map(lambda a: (np.shape(a), str(a.dtype)), t)  # noqa: E731
+      if shapes(got) != shapes(want):
+        problems.append(f"<top>: in {mode} mode the narrowed class returns other shapes than the pruned program")
       continue
     diffs[mode] = _max_diff(got, want)
     if not diffs[mode] <= tol:
