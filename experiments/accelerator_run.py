@@ -258,10 +258,17 @@ class Log:
     self.file.close()
 
 
+def _default_sigint():
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_child(cmd: list[str], log: Log, prefix: str, env=None, stdin=False) -> subprocess.Popen:
   """Start ``cmd`` with its output (stdout and stderr) copied line by line into ``log``."""
+  # SIGINT back to its default in the child: a shell starting this script in the background (`&`,
+  # nohup) ignores SIGINT, children inherit that, and a phase could then not be asked to stop
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
-                          stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, bufsize=1)
+                          stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, bufsize=1,
+                          preexec_fn=_default_sigint if os.name == "posix" else None)
 
   def pump():
     for line in proc.stdout:

@@ -156,10 +156,13 @@ def test_planner_sets_epochs_and_learns_from_the_stage_before(tmp_path):
 def test_supervisor_interrupts_then_kills_a_late_phase(tmp_path, ignores_interrupt):
   code = ("import signal, time\n"
           + ("signal.signal(signal.SIGINT, signal.SIG_IGN)\n" if ignores_interrupt else "")
-          + "try:\n  time.sleep(60)\nexcept KeyboardInterrupt:\n  print('writing what it has', flush=True)\n")
+          + "try:\n  print('sleeping', flush=True)\n  time.sleep(60)\n"
+          + "except KeyboardInterrupt:\n  print('writing what it has', flush=True)\n")
   log = acc.Log(str(tmp_path / "log.txt"))
   proc = acc.start_child([sys.executable, "-c", code], log, "late")
-  time.sleep(1.0)  # the interpreter is up and sleeping
+  deadline = time.time() + 60  # the interpreter is up and sleeping (slow to start on a loaded machine)
+  while "sleeping" not in (tmp_path / "log.txt").read_text() and time.time() < deadline:
+    time.sleep(0.05)
   start = time.time()
   status = acc.supervise(proc, start + 0.5, start + 2.5)
   log.close()

@@ -101,6 +101,12 @@ def test_bad_config_values(run_args, tmp_path, cifar_archive, override, needles)
   assert not os.path.exists(tmp_path / "run")
 
 
+def test_traceback_on_request_for_bug_reports(run_args, cifar_archive, monkeypatch):
+  monkeypatch.setenv("BPCP_JAX_TRACEBACK", "1")
+  code, out = _cli(*run_args, "--data", cifar_archive, "--config.stages.prune.ratio=1.5")
+  assert code == 1 and "Traceback (most recent call last)" in out and "prune.ratio" in out, out
+
+
 def test_batch_not_divisible_by_devices(run_args, cifar_archive):
   _assert_error(*_cli(*run_args, "--data", cifar_archive, "--config.batch_size=30", devices=4),
                 "batch_size", "30", "4")

@@ -37,6 +37,7 @@ def test_train_throughput_quick(tmp_path):
   assert r["process_peak_rss_gib"] > 0
 
 
+@pytest.mark.slow  # a minute: two allocators, each in its own process (README: pytest -m slow)
 def test_train_throughput_compares_allocators(tmp_path):
   from bpcp_jax.run import host
 

@@ -20,7 +20,7 @@ def _loss_of_gates(model, variables, x, y, gamma):
 
 
 def test_logit_gradient_is_gate_gradient_times_p_one_minus_p():
-  model = bp.create_model("resnet_v2_20")
+  model = bp.create_model("resnet_v2_11")
   variables = perturbed_variables(model, jax.random.key(0))
   x, y = images(jax.random.key(1), 8), jnp.arange(8) % 10
   names = model.spec.block_names()

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests.conftest import REPO_ROOT
 
@@ -46,6 +47,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow  # a minute: two coordinated processes (README: pytest -m slow); 8 devices in one process stay in CI
 def test_two_processes_match_one_process_with_four_devices(tmp_path):
   single, multi = str(tmp_path / "single.npz"), str(tmp_path / "multi.npz")
   _finish(_worker(["--mode", "search", "--out", single], devices=4))

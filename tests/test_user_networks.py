@@ -6,6 +6,7 @@ weights saved with ``flax.serialization.to_bytes``, and its pruned checkpoint lo
 network is killed twice and resumed, and ends bit for bit where an uninterrupted run ends.
 """
 
+import pytest
 import json
 import os
 import signal
@@ -68,6 +69,7 @@ def _has_checkpoint(workdir, stage):
   return os.path.isdir(d) and any(x.isdigit() for x in os.listdir(d))
 
 
+@pytest.mark.slow  # a minute and a half (README: pytest -m slow); the families' SIGKILL test stays in CI
 def test_user_network_killed_twice_resumes_bit_for_bit(tmp_path, cifar_archive):
   cache = str(tmp_path / "cache")
   ref = str(tmp_path / "ref")
