@@ -126,6 +126,9 @@ def calibrate(workdir, data=None, batches=40, batch_size=128):
 
   from bpcp_jax.run.config import apply_overrides
 
+  import absl.logging
+
+  absl.logging.set_verbosity("error")  # orbax's read-only notices
   log = _load_log(workdir)
   config = apply_overrides(load_config_file(os.path.join(REPO, log.get("config", CONFIG))), log.get("set", []))
   config.data.max_test_per_class = 1
@@ -155,13 +158,13 @@ def calibrate(workdir, data=None, batches=40, batch_size=128):
   order = sorted(names, key=lambda n: benefit[n])
   out = {"benefit": benefit, "stderr": {n: float(np.std(total[n]) / np.sqrt(batches)) for n in names},
          "order": order, "suggested_gamma": {}}
-  for k in (4, 8, 12):
+  for k in [k for k in (4, 8, 12) if k < len(order)] or [k for k in range(1, len(order))]:
     lo, hi = benefit[order[k - 1]], benefit[order[k]]
     out["suggested_gamma"][str(k)] = float(2 * (lo + hi) / 2)
   print("| block | benefit -E[dL/dg] | stderr |\n|---|---|---|")
   for n in order:
     print(f"| {n} | {benefit[n]:.5f} | {out['stderr'][n]:.5f} |")
-  print("suggested gammas (removing 4, 8, 12 blocks):", out["suggested_gamma"])
+  print("suggested gammas (blocks removed: gamma):", out["suggested_gamma"])
   with open(os.path.join(workdir, "calibration.json"), "w") as f:
     json.dump(out, f, indent=2, sort_keys=True)
   return out
@@ -208,13 +211,19 @@ def run(workdir, gammas, data=None, config=None, sets=(), out=OUT):
           f"--config.stages.search.select_seed={s}"], data, {"method": "random", "blocks_removed": n, "seed": s})
   run_row(workdir, log, "cp", ["pipeline", "--from", dense, "--config.stages.run=prune,finetune_channels",
                                f"--config.stages.prune.ratio={1 - MACS_KEPT}"], data, {"method": "cp"})
-  # BPCP: the BP row nearest to 8 removed blocks, its channels pruned to the same total MACs as CP
-  mid = min(bp_rows, key=lambda k: (abs(_blocks_removed(bp_rows[k]) - 8), k))
-  s = bp_rows[mid]
-  ratio = 1.0 - MACS_KEPT * s["dense"]["macs"] / s["pruned"]["macs"]
-  run_row(workdir, log, "bpcp", ["pipeline", "--from", _ckpt(workdir, mid, "finetune_blocks"),
-                                 "--config.stages.run=prune,finetune_channels", f"--config.stages.prune.ratio={ratio:.6f}"],
-          data, {"method": "bpcp", "from": mid})
+  # BPCP: the BP row nearest to 8 removed blocks whose network still has more MACs than the target,
+  # its channels pruned to the same total MACs as CP
+  room = {k: v for k, v in bp_rows.items() if v["pruned"]["macs"] > 1.05 * MACS_KEPT * v["dense"]["macs"]}
+  if not room:
+    print(f"[bpcp] skipped: every BP network already has at most {MACS_KEPT:.0%} of the dense MACs", flush=True)
+  else:
+    mid = min(room, key=lambda k: (abs(_blocks_removed(room[k]) - 8), k))
+    s = room[mid]
+    ratio = 1.0 - MACS_KEPT * s["dense"]["macs"] / s["pruned"]["macs"]
+    run_row(workdir, log, "bpcp", ["pipeline", "--from", _ckpt(workdir, mid, "finetune_blocks"),
+                                   "--config.stages.run=prune,finetune_channels",
+                                   f"--config.stages.prune.ratio={ratio:.6f}"],
+            data, {"method": "bpcp", "from": mid})
   measure(workdir)
   report(workdir, out)
 
@@ -238,8 +247,12 @@ def measure(workdir, repeats=5):
   sys.path.insert(0, REPO)
   import numpy as np
 
+  import absl.logging
+
   from benchmarks.common import interleaved_inference, median
   from bpcp_jax.training.checkpoint import load_network
+
+  absl.logging.set_verbosity("error")  # orbax's read-only notices, one pair per checkpoint
 
   names = [n for n in sorted(os.listdir(os.path.join(workdir, "runs"))) if _summary(workdir, n) is not None]
   nets = []
@@ -326,7 +339,7 @@ def report(workdir, out=OUT):
     lines.append(f"| {r['name']} | {r['blocks_removed']} | {100 * r['pruned_accuracy']:.2f} | {r['pruned_params']:,} | "
                  f"{r['pruned_macs'] / 1e6:.1f}M | {fmt(r['macs_removed_pct'], '.1f')}% | "
                  f"{fmt(r.get('speedup_b1', ''), '.2f')}x | {fmt(r.get('speedup_b128', ''), '.2f')}x | "
-                 f"{r['wall_s'] / 60:.0f} min |")
+                 f"{r['wall_s'] / 60:.1f} min |")
   # gate probabilities of every BP search, epoch by epoch
   gates = []
   for r in rows:
@@ -388,12 +401,13 @@ def report(workdir, out=OUT):
       names = sorted(hist[0]["gate_probs"])
       xs = [h.get("step", i + 1) for i, h in enumerate(hist)]
       for n in names:
-        ax.plot(xs, [h["gate_probs"][n] for h in hist], marker="o" if len(xs) < 4 else None, lw=1)
+        ax.plot(xs, [h["gate_probs"][n] for h in hist], marker="o" if len(xs) < 4 else None, lw=1, label=n)
       ax.axhline(0.5, color="k", lw=0.8, ls=":")
       ax.set_title(name, fontsize=9)
       ax.set_xlabel("search step")
       ax.set_ylim(0, 1)
     axes[0][0].set_ylabel("keep probability")
+    axes[0][0].legend(fontsize=5, ncol=2, loc="best")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "gates.png"), dpi=110)
     plt.close(fig)
