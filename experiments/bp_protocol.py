@@ -15,7 +15,7 @@ the same fine-tune budget:
 Commands (every step resumable; rows with a summary.json are skipped, interrupted ones resume):
 
   python experiments/bp_protocol.py calibrate --workdir runs/bp_protocol   # per-block dL/dg, suggested gammas
-  python experiments/bp_protocol.py run --workdir runs/bp_protocol --gammas 0.01,0.02,0.04
+  python experiments/bp_protocol.py run --workdir runs/bp_protocol --gammas 0.01,0.02,0.04   # or --gammas auto
   python experiments/bp_protocol.py measure --workdir runs/bp_protocol     # b1/b128 latency, interleaved
   python experiments/bp_protocol.py report --workdir runs/bp_protocol      # CSV, markdown, plots
 
@@ -186,10 +186,22 @@ def run(workdir, gammas, data=None, config=None, sets=(), out=OUT):
     log["set"] = list(sets)
   gammas = log.get("gammas")
   if not gammas:
-    raise SystemExit("give --gammas (see `calibrate`); they are remembered in protocol.json")
+    raise SystemExit("give --gammas (comma-separated, or auto: calibrate's suggestions); they are remembered "
+                     "in protocol.json")
   _save_log(workdir, log)
   dense = _ckpt(workdir, "dense", "pretrain")
   run_row(workdir, log, "dense", ["train"], data)
+  if gammas == "auto":  # the gammas calibrate suggests for removing about 4, 8 and 12 blocks
+    path = os.path.join(workdir, "calibration.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        cal = json.load(f)
+    else:
+      cal = calibrate(workdir, data)
+    gammas = sorted(float(f"{g:.3g}") for g in cal["suggested_gamma"].values())
+    log["gammas"] = gammas
+    _save_log(workdir, log)
+    print(f"gammas from calibrate: {gammas}", flush=True)
   bp_rows = {}
   for g in gammas:
     name = f"bp_gamma{g:g}"
@@ -424,7 +436,8 @@ def main():
   ap.add_argument("command", choices=("calibrate", "run", "measure", "report"))
   ap.add_argument("--workdir", default="runs/bp_protocol")
   ap.add_argument("--data", default=None)
-  ap.add_argument("--gammas", default="", help="comma-separated search gammas (remembered in protocol.json)")
+  ap.add_argument("--gammas", default="", help="comma-separated search gammas, or 'auto' for the ones calibrate "
+                  "suggests (remembered in protocol.json)")
   ap.add_argument("--out", default=OUT)
   ap.add_argument("--config", default=None, help=f"another base config than {CONFIG} (a dry run)")
   ap.add_argument("--set", action="append", default=[], help="KEY=VALUE override for every row (a dry run)")
@@ -433,7 +446,8 @@ def main():
   if a.command == "calibrate":
     calibrate(a.workdir, a.data)
   elif a.command == "run":
-    run(a.workdir, [float(g) for g in a.gammas.split(",") if g.strip()], a.data, a.config, a.set, a.out)
+    gammas = a.gammas.strip() if a.gammas.strip() == "auto" else [float(g) for g in a.gammas.split(",") if g.strip()]
+    run(a.workdir, gammas, a.data, a.config, a.set, a.out)
   elif a.command == "measure":
     measure(a.workdir)
   else:
