@@ -94,6 +94,22 @@ def test_train_step_runs_on_a_user_network_under_pmap(mode):
     assert any(float(v) != 0.0 for v in host.gates.values())  # the logits were trained
 
 
+def test_masked_train_mode_draws_dropout_from_the_steps_key():
+  """The VGG has dropout: masked train mode draws from the key given (raw, as the steps carry it),
+  and refuses to run without one rather than repeating one mask every step."""
+  net = _user("make_vgg")
+  variables = net.init(jax.random.PRNGKey(0))
+  masks = net.init_masks()
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 32, 32, 3)), jnp.float32)
+  run = jax.jit(lambda key: net.apply(variables, x, train=True, masks=masks, rng=key)[0])
+  a, b, c = run(jax.random.PRNGKey(1)), run(jax.random.PRNGKey(1)), run(jax.random.PRNGKey(2))
+  assert np.array_equal(a, b) and float(jnp.abs(a - c).max()) > 1e-4
+  plain = net.apply(variables, x, train=True, rng=jax.random.PRNGKey(1))[0]  # the module's own dropout
+  np.testing.assert_allclose(a, plain, atol=1e-5)
+  with pytest.raises(ValueError, match="draws random numbers"):
+    net.apply(variables, x, train=True, masks=masks)
+
+
 def test_distillation_from_an_identical_teacher_adds_no_loss():
   net = _user("make_vgg")
   variables = net.init(jax.random.PRNGKey(0))

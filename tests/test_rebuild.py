@@ -399,3 +399,49 @@ def test_hard_coded_widths_fall_back():
 def test_unknown_layer_with_a_width_attribute_falls_back():
   report = _falls_back(GatedNet(from_input=False), "Gate_0.*does not know")
   assert report.assumed
+
+
+class _Encoder(nn.Module):
+  @nn.compact
+  def features(self, x):  # reached through a method other than __call__
+    return nn.relu(nn.Conv(16, (3, 3), feature_group_count=8, name="dw")(x))
+
+
+class _MethodNet(nn.Module):
+  def setup(self):
+    self.stem, self.enc, self.head = nn.Conv(8, (3, 3)), _Encoder(), nn.Dense(3)
+
+  def __call__(self, x, train: bool = False):
+    return self.head(self.enc.features(nn.relu(self.stem(x))).mean((1, 2)))
+
+
+class _DepthwiseBlock(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    h = nn.Conv(16, (3, 3), feature_group_count=8, name="dw")(nn.relu(x))
+    return x + nn.Conv(8, (1, 1), name="project")(nn.relu(h))
+
+
+class _RematNet(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Conv(8, (3, 3), name="stem")(x)
+    x = nn.remat(_DepthwiseBlock)(name="block")(x, train)
+    return nn.Dense(3)(x.mean((1, 2)))
+
+
+@pytest.mark.parametrize("model, dw", [(_MethodNet(), "enc/dw"), (_RematNet(), "block/dw")])
+def test_grouped_conv_counts_follow_the_kernels_module(model, dw):
+  """A depthwise multiplier pruned 2 -> 1 and input channels 8 -> 6: the rebuilt class convolves in
+  6 groups, whether the conv is reached through another method or inside nn.remat."""
+  x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype(np.float32)
+  variables = _random_variables(model, x, 0)
+  net = bp.trace_network(model, variables, x)
+  masks = bp.init_traced_masks(net)
+  masks["channels"][dw] = jnp.asarray([1.0, 0.0])
+  masks["channels"]["stem"] = masks["channels"]["stem"].at[:2].set(0.0)
+  _, small_vars = bp.materialize_traced(net, variables, masks)
+  rebuilt, report = bp.rebuild(net, small_vars, masks, x)
+  assert report.rebuilt and not report.problems, report
+  assert report.plan["layers"][dw] == {"features": 6, "feature_group_count": 6}
+  _close(_apply(rebuilt, small_vars, x), _masked(net, variables, masks, x))

@@ -34,6 +34,18 @@ def test_importance_reads_bn_scales_through_the_coupling(mobilenet):
     traced_importance(net, variables, "l7")
 
 
+def test_random_criterion_draws_from_the_key_given(mobilenet):
+  _, variables, _, net = mobilenet
+  with pytest.raises(ValueError, match="needs a PRNG key"):
+    select_pruning(net, variables, criterion="random", cost="macs", macs_fraction=0.5, progress=False)
+  a, b, c = (select_pruning(net, variables, criterion="random", cost="macs", macs_fraction=0.5, progress=False,
+                            key=jax.random.key(k)) for k in (0, 0, 1))
+  assert a.target_met and a.macs <= 0.5 * a.dense_macs
+  same = all(np.array_equal(a.masks["channels"][g], b.masks["channels"][g]) for g in net.groups)
+  other = all(np.array_equal(a.masks["channels"][g], c.masks["channels"][g]) for g in net.groups)
+  assert same and not other
+
+
 @pytest.mark.parametrize("round_to", [1, 4])
 def test_macs_target_is_met_and_widths_are_rounded(mobilenet, round_to):
   _, variables, x, net = mobilenet

@@ -330,13 +330,15 @@ def select_pruning(
     measure: Callable[..., float] = measure_latency,
     max_checks: int = 8,
     progress: bool = True,
+    key: Optional[jax.Array] = None,
 ) -> Selection:
   """Greedy speed-aware selection; see the module docstring.
 
   Exactly one target: ``macs_fraction`` (keep at most this fraction of the dense MACs) or
   ``latency_budget_ms`` (the materialized network at batch ``batch`` must measure at most this
   on this device). ``cost`` is what an action saves: ``"macs"`` or measured ``"latency"`` at
-  batch ``batch``. ``importance`` (per group, per channel) defaults to ``traced_importance``.
+  batch ``batch``. ``importance`` (per group, per channel) defaults to ``traced_importance`` with
+  ``criterion`` (``key``: the PRNG key of ``criterion="random"``).
   ``measure(model, variables, *inputs) -> ms`` measures a materialized selection against the
   budget (default ``latency.measure_latency``, on the default device); at most ``max_checks``
   measurements are taken before the search gives up with ``target_met=False``.
@@ -352,7 +354,7 @@ def select_pruning(
   if round_to < 1:
     raise ValueError(f"round_to must be >= 1, got {round_to}")
   if importance is None:
-    importance = traced_importance(net, variables, criterion)
+    importance = traced_importance(net, variables, criterion, key=key)
   timer = timer or (OpTimer() if cost == "latency" or latency_budget_ms is not None else None)
   search = _Search(net, importance, cost, timer, batch, round_to, min_channels, prune_blocks)
   dense_macs = search.total_macs()

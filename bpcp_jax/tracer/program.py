@@ -129,6 +129,14 @@ def trace_program(model, variables, *inputs, axis_env: Sequence = (), **apply_kw
                  [path_str(p) for p, _ in var_leaves], var_tree, input_tree, out_tree, rng_names)
 
 
+RANDOM_PRIMITIVES = ("random_bits", "threefry2x32")
+
+
+def draws_random_numbers(program: Program) -> bool:
+  """Whether ``program`` draws random numbers from its keys (dropout, drop-path)."""
+  return any(e.name in RANDOM_PRIMITIVES for e in program.eqns)
+
+
 def _key_as(aval, key):
   """``key`` in the form the program was traced with: a typed key (``jax.random.key``) or a raw
   uint32 one (``jax.random.PRNGKey``), so either kind may be given at call time."""

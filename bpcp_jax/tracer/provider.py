@@ -211,8 +211,15 @@ class FlaxNetwork(PrunableNetwork):
 
       masks = self.init_masks() if masks is None else masks
       mode = "train" if train else "eval"
-      draws = self.traced.traced(mode, (self.example(x.shape[0]),))[0].rng_names if train else ()
-      key = jax.random.key(0) if rng is None else rng  # typed or raw: the program takes either
+      from bpcp_jax.tracer.program import draws_random_numbers
+
+      program = self.traced.traced(mode, (self.example(x.shape[0]),))[0]
+      draws = program.rng_names if train else ()
+      if draws and rng is None:
+        if draws_random_numbers(program):
+          raise ValueError(f"{self.label}: the train mode draws random numbers ({', '.join(draws)}): pass rng=")
+        rng = jax.random.key(0)  # a key the program takes but never reads
+      key = rng  # typed or raw: the program takes either
       out = masked_apply(self.traced, variables, masks, x, mode=mode, block_gates=block_gates,
                          rngs={n: key for n in draws} or None)
       if not train:

@@ -425,20 +425,35 @@ def layer_widths(model: nn.Module, variables, small_variables, *inputs, modes: O
 
 def draws_random_numbers(net: TracedNetwork, mode: str, inputs) -> bool:
   """Whether the traced ``mode`` draws random numbers (dropout, drop-path)."""
-  program, _ = net.traced(mode, inputs)
-  return any(e.name in ("random_bits", "threefry2x32") for e in program.eqns)
+  from bpcp_jax.tracer.program import draws_random_numbers as draws
+
+  return draws(net.traced(mode, inputs)[0])
 
 
 def conv_groups(net: TracedNetwork, masks: Mapping, inputs) -> dict:
   """``{module path: feature_group_count}`` of every grouped convolution as the materialized
-  program runs it (kept input width / kept kernel input width), from the traced modes."""
+  program runs it (kept input width / kept kernel input width), from the traced modes. The module
+  is the one owning the kernel variable (followed back through casts), so methods other than
+  ``__call__`` and lifted transforms (``nn.remat``) name it as its variables do; a kernel computed
+  from several variables falls back to the op's named scope with method suffixes dropped."""
   decision = prune_decision(net, masks)
+  passthrough = ("convert_element_type", "copy", "copy_p", "reduce_precision")
   out = {}
   for mode in net.modes:
     program, _ = net.traced(mode, inputs)
+    var_of = dict(zip(program.invars[:program.n_vars], program.var_paths))
+    producer = {o: e for e in program.eqns for o in e.outs}
     for idx, e in _shrink(decision, mode, inputs).eqns:
-      if e.name == "conv_general_dilated" and program.eqns[idx].params["feature_group_count"] > 1:
-        out["/".join(e.where.split("/")[1:])] = int(e.params["feature_group_count"])
+      if e.name != "conv_general_dilated" or program.eqns[idx].params["feature_group_count"] <= 1:
+        continue
+      v = program.eqns[idx].ins[1]
+      while not isinstance(v, Lit) and v not in var_of and v in producer and producer[v].name in passthrough:
+        v = producer[v].ins[0]
+      if not isinstance(v, Lit) and v in var_of:
+        path = "/".join(var_of[v].split("/")[1:-1])  # "params/enc/dw/kernel" -> "enc/dw"
+      else:
+        path = "/".join(part.split(".")[0] for part in e.where.split("/")[1:])
+      out[path] = int(e.params["feature_group_count"])
   return out
 
 
