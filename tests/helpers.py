@@ -48,3 +48,17 @@ def random_masks(model, seed, *, drop_blocks=0.4, keep_channels=0.6, single_chan
 
 def images(key, n=4):
   return jax.random.normal(key, (n, 32, 32, 3), jnp.float32)
+
+
+def random_traced_masks(net, seed, *, keep_channels=0.5, drop_blocks=0.7):
+  """Random masks for a traced network: each channel kept with probability ``keep_channels`` (at
+  least one per group), each block removed with probability ``drop_blocks``."""
+  rng = np.random.default_rng(seed)
+  masks = bp.init_traced_masks(net)
+  for name, g in net.groups.items():
+    keep = rng.random(g.width) < keep_channels
+    keep[rng.integers(g.width)] = True
+    masks["channels"][name] = jnp.asarray(keep, jnp.float32)
+  for name in net.blocks:
+    masks["blocks"][name] = jnp.float32(-1.0 if rng.random() < drop_blocks else 1.0)
+  return masks

@@ -12,7 +12,7 @@ import pytest
 import bpcp_jax as bp
 from tests import nets
 from tests.real_networks import random_variables
-from tests.helpers import images, random_masks
+from tests.helpers import images, random_masks, random_traced_masks
 from bpcp_jax.families.structure import declared_members
 from tests.test_coupling import TRAIN, trace_small
 from tests.test_real_networks import fast_jit
@@ -31,15 +31,7 @@ def _setup(cls, batch=3, seed=0):
 
 
 def _random_traced_masks(net, seed, drop_blocks=True):
-  rng = np.random.default_rng(seed)
-  masks = bp.init_traced_masks(net)
-  for name, g in net.groups.items():
-    keep = rng.random(g.width) < 0.5
-    keep[rng.integers(g.width)] = True
-    masks["channels"][name] = jnp.asarray(keep, jnp.float32)
-  for name in net.blocks:
-    masks["blocks"][name] = jnp.float32(-1.0 if drop_blocks and rng.random() < 0.7 else 1.0)
-  return masks
+  return random_traced_masks(net, seed, keep_channels=0.5, drop_blocks=0.7 if drop_blocks else 0.0)
 
 
 def _close(a, b):

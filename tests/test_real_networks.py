@@ -18,6 +18,7 @@ import pytest
 
 import bpcp_jax as bp
 from bpcp_jax.tracer.network import prunable_fraction
+from tests.helpers import random_traced_masks
 from tests.real_networks import NETWORKS, random_variables
 from tests.test_coupling import assert_kept_whole_is_reported
 
@@ -50,15 +51,7 @@ def _close(a, b):
 
 
 def _random_masks(net, seed):
-  rng = np.random.default_rng(seed)
-  masks = bp.init_traced_masks(net)
-  for name, g in net.groups.items():
-    keep = rng.random(g.width) < 0.6
-    keep[rng.integers(g.width)] = True
-    masks["channels"][name] = jnp.asarray(keep, jnp.float32)
-  for name in net.blocks:
-    masks["blocks"][name] = jnp.float32(-1.0 if rng.random() < 0.5 else 1.0)
-  return masks
+  return random_traced_masks(net, seed, keep_channels=0.6, drop_blocks=0.5)
 
 
 def test_trace_in_train_mode_keeps_the_eval_groups_and_pins_the_prunable_fraction(case):
