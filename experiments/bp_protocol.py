@@ -327,6 +327,15 @@ def _gate_history(workdir, name):
     return [json.loads(x) for x in f if x.strip()]
 
 
+def _save(plt, fig, ax, xlabel, ylabel, path):
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def report(workdir, out=OUT):
   import matplotlib
 
@@ -385,25 +394,16 @@ def report(workdir, out=OUT):
   dense = [r for r in rows if r["name"] == "dense"]
   if dense:
     ax.axhline(100 * dense[0]["pruned_accuracy"], color="k", lw=0.8, ls=":", label="dense")
-  ax.set_xlabel("residual blocks removed (of 18)")
-  ax.set_ylabel("test accuracy % (10,000 images)")
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, "accuracy_vs_blocks.png"), dpi=110)
-  plt.close(fig)
+  _save(plt, fig, ax, "residual blocks removed (of 18)", "test accuracy % (10,000 images)",
+        os.path.join(out, "accuracy_vs_blocks.png"))
 
   fig, ax = plt.subplots(figsize=(6.5, 4.2))
   markers = {"dense": "k*", "bp": "o", "random": "^", "last": "s", "cp": "D", "bpcp": "P"}
   for method, m in markers.items():
     pts = [(r["pruned_macs"] / 1e6, 100 * r["pruned_accuracy"]) for r in rows if r["method"] == method]
     if pts:
-      ax.plot(*zip(*pts), m if len(m) > 1 else m, ls="none", label=method, ms=8 if method in ("cp", "bpcp") else 6)
-  ax.set_xlabel("MACs (M)")
-  ax.set_ylabel("test accuracy %")
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, "accuracy_vs_macs.png"), dpi=110)
-  plt.close(fig)
+      ax.plot(*zip(*pts), m, ls="none", label=method, ms=8 if method in ("cp", "bpcp") else 6)
+  _save(plt, fig, ax, "MACs (M)", "test accuracy %", os.path.join(out, "accuracy_vs_macs.png"))
 
   hists = {r["name"]: _gate_history(workdir, r["name"]) for r in rows if r["method"] == "bp"}
   hists = {k: v for k, v in hists.items() if v}

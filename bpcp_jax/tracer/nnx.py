@@ -364,7 +364,7 @@ def materialize_nnx(net: TracedNetwork, variables, masks: Mapping, *example_inpu
     _write(model, leaves_by_path(small_vars), missing)
     if missing:
       problems.append(f"{missing[0]}: a variable the pruning dropped, though its module is not a removed block")
-    groups = conv_groups(net, masks, inputs)  # keyed by the kernel's variable path: "blocks/0/conv1"
+    groups = conv_groups(pruned.decision, inputs)  # keyed by the kernel's variable path: "blocks/0/conv1"
     plan["layers"] = _layer_widths(model, net.var_shapes, problems, notes, groups)
   diffs: dict = {}
   if not problems:

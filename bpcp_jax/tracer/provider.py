@@ -213,7 +213,7 @@ class FlaxNetwork(PrunableNetwork):
       mode = "train" if train else "eval"
       from bpcp_jax.tracer.program import draws_random_numbers
 
-      program = self.traced.traced(mode, (self.example(x.shape[0]),))[0]
+      program = self.traced.traced(mode, (x,))[0]  # the program masked_apply runs (cached)
       draws = program.rng_names if train else ()
       if draws and rng is None:
         if draws_random_numbers(program):

@@ -48,6 +48,7 @@ import numpy as np
 from bpcp_jax.tracer.network import (PrunedNetwork, TracedNetwork, abstract_like, example_inputs_of,
                                      _shrink, prune_decision)
 from bpcp_jax.tracer.program import Lit
+from bpcp_jax.tracer.program import draws_random_numbers as program_draws
 
 PLAN_FORMAT = "bpcp_jax.plan/1"
 CONTRACTIONS = ("conv_general_dilated", "dot_general")
@@ -425,18 +426,16 @@ def layer_widths(model: nn.Module, variables, small_variables, *inputs, modes: O
 
 def draws_random_numbers(net: TracedNetwork, mode: str, inputs) -> bool:
   """Whether the traced ``mode`` draws random numbers (dropout, drop-path)."""
-  from bpcp_jax.tracer.program import draws_random_numbers as draws
-
-  return draws(net.traced(mode, inputs)[0])
+  return program_draws(net.traced(mode, inputs)[0])
 
 
-def conv_groups(net: TracedNetwork, masks: Mapping, inputs) -> dict:
+def conv_groups(decision, inputs) -> dict:
   """``{module path: feature_group_count}`` of every grouped convolution as the materialized
   program runs it (kept input width / kept kernel input width), from the traced modes. The module
   is the one owning the kernel variable (followed back through casts), so methods other than
   ``__call__`` and lifted transforms (``nn.remat``) name it as its variables do; a kernel computed
   from several variables falls back to the op's named scope with method suffixes dropped."""
-  decision = prune_decision(net, masks)
+  net = decision.net
   passthrough = ("convert_element_type", "copy", "copy_p", "reduce_precision")
   out = {}
   for mode in net.modes:
@@ -457,13 +456,15 @@ def conv_groups(net: TracedNetwork, masks: Mapping, inputs) -> dict:
   return out
 
 
-def _plan(net: TracedNetwork, small_variables, masks: Mapping, inputs) -> tuple[dict, list, list]:
-  """(plan, problems, notes): see ``pruning_plan``."""
+def _plan(net: TracedNetwork, small_variables, masks: Mapping, inputs, decision=None) -> tuple[dict, list, list]:
+  """(plan, problems, notes): see ``pruning_plan``. ``decision``: the masks' ``prune_decision``
+  when the caller has one (its pruned programs are cached there)."""
   calls = record_calls(net.model, net.var_shapes, inputs, net.modes)
   new_shapes = _shapes(small_variables)
   removed, problems = removed_block_modules(net, masks, calls, inputs, new_shapes)
   notes: list = []
-  layers = _widths(calls, net.var_shapes, new_shapes, removed, problems, notes, conv_groups(net, masks, inputs))
+  groups = conv_groups(decision or prune_decision(net, masks), inputs)
+  layers = _widths(calls, net.var_shapes, new_shapes, removed, problems, notes, groups)
   cls = type(net.model)
   cls = getattr(cls, "_bpcp_base", cls)
   previous = plan_of(net.model)  # pruning a rebuilt network again: the plan from the original class
@@ -648,7 +649,7 @@ def rebuild(net: TracedNetwork, small_variables, masks: Mapping, *example_inputs
   decision = prune_decision(net, masks)
   reference = PrunedNetwork(decision, _shapes(small_variables))
   inputs = _concrete_inputs(net, example_inputs)
-  plan, problems, notes = _plan(net, small_variables, masks, inputs)
+  plan, problems, notes = _plan(net, small_variables, masks, inputs, decision)
   diffs = {}
   if not problems:
     module = narrow(net.model, plan)
