@@ -298,6 +298,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   overrides = [a for a in argv if a.startswith("--config.")]
   args = _parser().parse_args([a for a in argv if not a.startswith("--config.")])
   from bpcp_jax.run.config import ConfigError
+  from bpcp_jax.run.lock import RunDirectoryInUse
   from bpcp_jax.training.checkpoint import CheckpointError
   from bpcp_jax.training.data import DataError
   from bpcp_jax.training.loop import NonFiniteLoss
@@ -313,7 +314,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except NonFiniteLoss as e:
     print(f"bpcp-jax: error: {e}", file=sys.stderr)
     return 3
-  except (ConfigError, DataError, CheckpointError, ValueError) as e:
+  except (ConfigError, DataError, CheckpointError, RunDirectoryInUse, ValueError) as e:
     if os.environ.get("BPCP_JAX_TRACEBACK"):  # for bug reports: the whole traceback
       raise
     print(f"bpcp-jax: error: {e}", file=sys.stderr)

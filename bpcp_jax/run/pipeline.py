@@ -19,6 +19,7 @@ and with none left the stage starts again), so the run ends where an uninterrupt
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -35,6 +36,7 @@ from bpcp_jax.families.spec import parse_model_name
 from bpcp_jax.pruning.block_search import BLOCK_METHODS, select_blocks
 from bpcp_jax.pruning.channel_prune import format_report
 from bpcp_jax.pruning.network import PrunableNetwork, network_from_description
+from bpcp_jax.run.lock import hold_run_directory
 from bpcp_jax.run.config import (RESUME_FREE_KEYS, STAGES, ConfigError, check_config, config_differences,
                                  stage_list)
 from bpcp_jax.training import data, parallel, steps
@@ -540,6 +542,9 @@ def run_pipeline(config, workdir: str, *, resume: bool = False, data_path: Optio
   each stage and may change the settings of that stage and the later ones (epochs planned from a
   time budget, as experiments/accelerator_run.py does); the changed config is checked again and
   ``config.json`` rewritten, so it holds what ran.
+
+  One process writes a run directory at a time (``bpcp_jax.run.lock``): ``RunDirectoryInUse``,
+  naming the process, when another one is writing ``workdir``.
   """
   from bpcp_jax.run import report
 
@@ -550,24 +555,39 @@ def run_pipeline(config, workdir: str, *, resume: bool = False, data_path: Optio
   if config.init_from and "pretrain" in stages and not input_dir:
     stages.remove("pretrain")  # the given weights are the trained dense network
     log(f"[pretrain] skipped: starting from the trained weights in {config.init_from}")
-  finished = check_workdir(config, workdir, resume)
-  if finished is not None:
-    log(f"the run in {os.path.abspath(workdir)} has finished; its summary.json is kept as it is "
-        "(start a new --workdir to run again)")
-    if not os.path.exists(os.path.join(workdir, "report.md")):
-      report.write_report(workdir)
-    return finished
-  start = start_network(config, input_dir)
-  check_stage_inputs(stages, start)
-  for line in describe_run(config, stages, start, workdir, resume, data_path):
-    log(line)
-  train, test = load_data(config, data_path, progress=progress)
-  log(f"data loaded: {len(train.labels):,} train and {len(test.labels):,} test images, {len(train.class_names)} classes")
-  shape = tuple(train.images.shape[1:])
-  if shape != tuple(start.output.network.input_shape):
-    raise ValueError(f"the data's images are {shape}, the network {start.output.network.label} takes "
-                     f"{tuple(start.output.network.input_shape)}")
-  os.makedirs(workdir, exist_ok=True)
+  # one writer at a time: an existing directory is locked before it is read, a new one when made
+  existed = os.path.isdir(workdir)
+  with contextlib.ExitStack() as held:
+    if existed:
+      held.enter_context(hold_run_directory(workdir, enabled=jax.process_index() == 0))
+    finished = check_workdir(config, workdir, resume)
+    if finished is not None:
+      log(f"the run in {os.path.abspath(workdir)} has finished; its summary.json is kept as it is "
+          "(start a new --workdir to run again)")
+      if not os.path.exists(os.path.join(workdir, "report.md")):
+        report.write_report(workdir)
+      return finished
+    start = start_network(config, input_dir)
+    check_stage_inputs(stages, start)
+    for line in describe_run(config, stages, start, workdir, resume, data_path):
+      log(line)
+    train, test = load_data(config, data_path, progress=progress)
+    log(f"data loaded: {len(train.labels):,} train and {len(test.labels):,} test images, {len(train.class_names)} classes")
+    shape = tuple(train.images.shape[1:])
+    if shape != tuple(start.output.network.input_shape):
+      raise ValueError(f"the data's images are {shape}, the network {start.output.network.label} takes "
+                       f"{tuple(start.output.network.input_shape)}")
+    if not existed:  # made now; a process that made it meanwhile holds it, or has left a run in it
+      os.makedirs(workdir, exist_ok=True)
+      held.enter_context(hold_run_directory(workdir, enabled=jax.process_index() == 0))
+      check_workdir(config, workdir, resume)
+    return _run_locked(config, workdir, resume, stages, start, train, test, progress, log, before_stage)
+
+
+def _run_locked(config, workdir, resume, stages, start, train, test, progress, log, before_stage):
+  """The stages, the summary and the report of ``run_pipeline``, with the directory held."""
+  from bpcp_jax.run import report
+
   ctx = RunContext(config, os.path.abspath(workdir), resume, train, test, progress, log)
   if not os.path.exists(os.path.join(workdir, "config.json")):  # a resume never rewrites the run's settings
     _write_json(os.path.join(workdir, "config.json"), config.to_dict())

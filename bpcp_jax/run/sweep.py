@@ -12,7 +12,8 @@ with neither, the base config runs once. Every run is named from its own overrid
 (``gamma=0.05,ratio=0.3``), works in ``<sweep dir>/runs/<name>`` and calls
 ``run_pipeline(..., resume=True)`` in this process, so a rerun skips finished runs (those with
 a ``summary.json``) and continues interrupted ones. A failing run leaves ``error.txt`` (its
-traceback) and the sweep goes on. At the end, ``results.csv``, ``results.md`` and the plots
+traceback) and the sweep goes on. A run another process is writing (``bpcp_jax.run.lock``) is
+skipped, so two ``bpcp-jax sweep`` processes on one directory share its runs. At the end, ``results.csv``, ``results.md`` and the plots
 (``pareto.png``, ``speedup.png``, ``blocks_vs_gamma.png`` when gamma is swept) are written
 from every run's ``summary.json``; ``collect_results``, ``write_results``, ``read_results``,
 ``pareto_front`` and the ``plot_*`` functions are importable for notebooks.
@@ -176,6 +177,7 @@ def run_sweep(sweep_path: str, workdir: str, cli_overrides: Sequence[str] = (), 
   import jax
 
   from bpcp_jax.run.config import apply_overrides
+  from bpcp_jax.run.lock import RunDirectoryInUse
   from bpcp_jax.run.pipeline import run_pipeline
 
   sweep = load_sweep(sweep_path)
@@ -199,6 +201,9 @@ def run_sweep(sweep_path: str, workdir: str, cli_overrides: Sequence[str] = (), 
     try:
       config = apply_overrides(base, [f"{k}={format_value(v)}" for k, v in run["overrides"].items()])
       summary = run_pipeline(config, rundir, resume=True, data_path=data_path, progress=progress)
+    except RunDirectoryInUse as e:  # another process runs it (a second worker on the same sweep): leave it
+      log(f"{head}: skipped: {e}")
+      continue
     except Exception as e:  # one bad run must not stop the others: record it and go on
       if writer:
         os.makedirs(rundir, exist_ok=True)

@@ -1,0 +1,98 @@
+"""One writer per run directory: a second process is refused with the holder named, nothing in the
+directory is touched, the lock dies with its process, and a sweep leaves a run in use to its owner."""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from bpcp_jax.run import pipeline, sweep
+from bpcp_jax.run.config import apply_overrides, load_config_file
+from bpcp_jax.run.lock import LOCK_FILE, RunDirectoryInUse, hold_run_directory
+from tests.conftest import REPO_ROOT
+
+TINY = os.path.join(REPO_ROOT, "experiments", "configs", "tiny.py")
+
+
+def _listing(root):
+  return sorted((os.path.relpath(os.path.join(d, f), root), os.path.getsize(os.path.join(d, f)))
+                for d, _, files in os.walk(root) for f in files)
+
+
+def test_the_lock_names_its_holder_and_dies_with_it(tmp_path):
+  workdir = str(tmp_path / "run")
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time\nfrom bpcp_jax.run.lock import hold_run_directory\n"
+       f"with hold_run_directory({workdir!r}):\n  print('held', flush=True)\n  time.sleep(600)\n"],
+      cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(RunDirectoryInUse, match=f"{workdir} is being written by process {holder.pid} on "):
+      with hold_run_directory(workdir):
+        pass
+  finally:
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    holder.stdout.close()
+  with hold_run_directory(workdir):  # killed -9: the kernel dropped its lock, nothing to clean
+    with pytest.raises(RunDirectoryInUse, match=f"process {os.getpid()} "):
+      with hold_run_directory(workdir):
+        pass
+  with hold_run_directory(workdir):  # released at the end of the with block
+    pass
+
+
+def test_the_command_line_refuses_a_run_being_written(tmp_path):
+  workdir = str(tmp_path / "run")
+  with hold_run_directory(workdir):
+    before = _listing(workdir)
+    p = subprocess.run([sys.executable, "-m", "bpcp_jax.run.cli", "train", "--config", TINY, "--workdir", workdir,
+                        "--resume", "--no-progress", f"--config.data.cache_dir={tmp_path / 'cache'}"],
+                       cwd=REPO_ROOT, env={**os.environ, "XLA_FLAGS": ""}, capture_output=True, text=True,
+                       timeout=300)
+    out = p.stdout + p.stderr
+    assert p.returncode == 2, out
+    assert "Traceback" not in out, out
+    assert f"{workdir} is being written by process {os.getpid()}" in out, out
+    assert "--resume" in out.split("error:")[-1], out  # says how to continue afterwards
+    assert _listing(workdir) == before == [(LOCK_FILE, before[0][1])]
+
+
+def test_a_directory_made_meanwhile_by_another_process_is_refused(tmp_path, cifar_archive, monkeypatch):
+  """The directory did not exist when the run was checked; another writer made and held it while
+  this one loaded its data (the lock is taken only once the data loaded, so a refusal leaves no
+  directory behind)."""
+  workdir = str(tmp_path / "run")
+  config = apply_overrides(load_config_file(TINY), [f"data.cache_dir={tmp_path / 'cache'}"])
+  load_data = pipeline.load_data
+  with contextlib.ExitStack() as other:
+
+    def load_then_lose_the_race(*a, **k):
+      out = load_data(*a, **k)
+      other.enter_context(hold_run_directory(workdir))
+      return out
+
+    monkeypatch.setattr(pipeline, "load_data", load_then_lose_the_race)
+    with pytest.raises(RunDirectoryInUse, match=f"{workdir} is being written"):
+      pipeline.run_pipeline(config, workdir, data_path=cifar_archive, progress=False, log=lambda s: None)
+    assert _listing(workdir)[0][0] == LOCK_FILE and len(_listing(workdir)) == 1
+
+
+def test_a_sweep_leaves_a_run_in_use_to_its_writer(tmp_path, cifar_archive):
+  path = tmp_path / "two.py"
+  path.write_text(f"def get_sweep():\n  return {{'base': {TINY!r}, 'grid': {{'stages.search.gamma': [0.05, 0.2]}}}}\n")
+  workdir = str(tmp_path / "sweep")
+  lines = []
+  with contextlib.ExitStack() as other:
+    for name in ("gamma=0.05", "gamma=0.2"):
+      other.enter_context(hold_run_directory(os.path.join(workdir, "runs", name)))
+    rows = sweep.run_sweep(str(path), workdir, [f"data.cache_dir={tmp_path / 'cache'}"], data_path=cifar_archive,
+                           progress=False, log=lines.append)
+  assert [r["status"] for r in rows] == ["not run", "not run"], lines
+  for name in ("gamma=0.05", "gamma=0.2"):
+    assert any(line.startswith(f"[sweep") and f"{name}: skipped:" in line and "is being written by process" in line
+               for line in lines), lines
+    assert _listing(os.path.join(workdir, "runs", name)) == [(LOCK_FILE, _listing(os.path.join(workdir, "runs", name))[0][1])]
