@@ -446,8 +446,16 @@ def main():
   if a.command == "calibrate":
     calibrate(a.workdir, a.data)
   elif a.command == "run":
+    sys.path.insert(0, REPO)
+    from bpcp_jax.run.lock import RunDirectoryInUse, hold_run_directory
+
     gammas = a.gammas.strip() if a.gammas.strip() == "auto" else [float(g) for g in a.gammas.split(",") if g.strip()]
-    run(a.workdir, gammas, a.data, a.config, a.set, a.out)
+    try:
+      # one runner per work directory (it writes protocol.json)
+      with hold_run_directory(a.workdir, then="run the same command again (finished rows are kept)"):
+        run(a.workdir, gammas, a.data, a.config, a.set, a.out)
+    except RunDirectoryInUse as e:
+      raise SystemExit(f"bp_protocol: {e}") from None
   elif a.command == "measure":
     measure(a.workdir)
   else:

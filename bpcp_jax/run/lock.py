@@ -43,12 +43,12 @@ def _holder(path: str) -> str:
 
 
 @contextlib.contextmanager
-def hold_run_directory(workdir: str, *, enabled: bool = True) -> Iterator[None]:
+def hold_run_directory(workdir: str, *, enabled: bool = True, then: str = "run again") -> Iterator[None]:
   """Hold ``workdir``'s lock for the ``with`` block; creates ``workdir`` if missing.
 
-  Raises ``RunDirectoryInUse`` (naming the directory and the holder) when another process holds
-  it; nothing in the directory is touched then. ``enabled=False`` (processes other than 0) or a
-  platform without ``fcntl`` holds nothing.
+  Raises ``RunDirectoryInUse`` (naming the directory and the holder, and ending with ``then``, what
+  to do once it is free) when another process holds it; nothing in the directory is touched
+  then. ``enabled=False`` (processes other than 0) or a platform without ``fcntl`` holds nothing.
   """
   if not enabled or fcntl is None:
     yield
@@ -62,7 +62,7 @@ def hold_run_directory(workdir: str, *, enabled: bool = True) -> Iterator[None]:
     except BlockingIOError:
       raise RunDirectoryInUse(
           f"{os.path.abspath(workdir)} is being written by {_holder(path)} ({path} is locked); wait for it "
-          "to finish or stop it, then run again (with --resume to continue its run)") from None
+          f"to finish or stop it, then {then}") from None
     record = {"pid": os.getpid(), "host": socket.gethostname(),
               "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     os.ftruncate(fd, 0)

@@ -557,9 +557,10 @@ def run_pipeline(config, workdir: str, *, resume: bool = False, data_path: Optio
     log(f"[pretrain] skipped: starting from the trained weights in {config.init_from}")
   # one writer at a time: an existing directory is locked before it is read, a new one when made
   existed = os.path.isdir(workdir)
+  lock = {"enabled": jax.process_index() == 0, "then": "run again with --resume to continue its run"}
   with contextlib.ExitStack() as held:
     if existed:
-      held.enter_context(hold_run_directory(workdir, enabled=jax.process_index() == 0))
+      held.enter_context(hold_run_directory(workdir, **lock))
     finished = check_workdir(config, workdir, resume)
     if finished is not None:
       log(f"the run in {os.path.abspath(workdir)} has finished; its summary.json is kept as it is "
@@ -579,7 +580,7 @@ def run_pipeline(config, workdir: str, *, resume: bool = False, data_path: Optio
                        f"{tuple(start.output.network.input_shape)}")
     if not existed:  # made now; a process that made it meanwhile holds it, or has left a run in it
       os.makedirs(workdir, exist_ok=True)
-      held.enter_context(hold_run_directory(workdir, enabled=jax.process_index() == 0))
+      held.enter_context(hold_run_directory(workdir, **lock))
       check_workdir(config, workdir, resume)
     return _run_locked(config, workdir, resume, stages, start, train, test, progress, log, before_stage)
 
