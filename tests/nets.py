@@ -296,3 +296,15 @@ class ControlFlowNet(nn.Module):
     h = nn.Conv(6, (3, 3), name="c2")(h) * n
     h = jax.lax.cond(count, lambda a: a, lambda a: a * 0.5, h)
     return nn.Dense(5, name="fc")(jnp.mean(nn.Conv(4, (1, 1), name="c3")(h), axis=(1, 2)))
+
+
+class HalfNormalisedNet(nn.Module):
+  """A conv without normalisation feeding a conv with BatchNorm: bn_scale scores one group by its
+  BN scales and falls back to filter norms for the other."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(16, (3, 3), name="plain")(x))
+    x = nn.Conv(16, (3, 3), use_bias=False, name="conv")(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=True, name="bn")(x))
+    return nn.Dense(10, name="head")(x.mean((1, 2)))

@@ -148,3 +148,21 @@ def test_bad_targets_are_named(mobilenet):
     select_pruning(net, variables, cost="flops", macs_fraction=0.5)
   with pytest.raises(ValueError, match=r"macs_fraction must be in \(0, 1\]"):
     select_pruning(net, variables, cost="macs", macs_fraction=1.5)
+
+
+def test_bn_scale_fallback_is_in_the_unit_of_the_scales():
+  """A group without normalisation is scored by mean-1 filter norms; next to BN scales that L1
+  sparsity drove to about 0.1 those must be rescaled, or a global search cuts only the normalised
+  group (before: 'conv' 16 -> 6, 'plain' untouched)."""
+  model, x = nets.HalfNormalisedNet(), jnp.ones((1, 8, 8, 3))
+  variables = model.init(jax.random.key(0), x)
+  bn = 0.1 * (0.5 + np.random.default_rng(0).uniform(size=16))
+  variables["params"]["bn"]["scale"] = jnp.asarray(bn, jnp.float32)
+  net = bp.trace_network(model, variables, x)
+  scores = traced_importance(net, variables, "bn_scale")
+  np.testing.assert_allclose(scores["conv"], bn, rtol=1e-6)
+  l1 = traced_importance(net, variables, "l1")["plain"]
+  np.testing.assert_allclose(scores["plain"], l1 * bn.mean(), rtol=1e-6)  # same order, the scales' mean
+  sel = select_pruning(net, variables, cost="macs", macs_fraction=0.5, progress=False)
+  widths = {g: int(np.sum(sel.masks["channels"][g])) for g in net.groups}
+  assert sel.target_met and all(8 <= w < 16 for w in widths.values()), widths

@@ -71,7 +71,9 @@ def traced_importance(net: TracedNetwork, variables, criterion: str = "bn_scale"
   """One score per channel of every group (higher = keep), from the members the trace found.
 
   ``bn_scale``: |scale| of the normalisation layers (rank-1 ``scale`` variables) in the group; a
-  group without one falls back to ``l1``. ``l1`` / ``l2`` / ``cop``: the filters producing the
+  group without one falls back to ``l1``, rescaled so its mean is the mean |scale| of the
+  network's scored channels (a fallback group compares with the normalised ones as an average
+  one of them, not as 1 against scales that L1 sparsity drove to about 0.1). ``l1`` / ``l2`` / ``cop``: the filters producing the
   channel (``channel_prune``'s filter criteria; L1 and L2 norms divided by their layer's mean, so
   layers of different fan-in compare). ``random``: uniform scores drawn from ``key``. Several
   members of one channel are combined by ``reduce`` (``max``, ``mean`` or ``sum``); within one
@@ -94,7 +96,7 @@ def traced_importance(net: TracedNetwork, variables, criterion: str = "bn_scale"
   program, coupling = net.traced(next(iter(net.modes)), example_inputs_of(net))
   leaves = {path: np.asarray(x) for path, x in jax.device_get(leaves_by_path(variables)).items()}
   reducer = {"max": np.nanmax, "mean": np.nanmean, "sum": np.nansum}[reduce]
-  scores = {}
+  scores, fallback = {}, set()
   for name, g in net.groups.items():
     off = coupling.offsets[name]
     rows = []
@@ -110,6 +112,7 @@ def traced_importance(net: TracedNetwork, variables, criterion: str = "bn_scale"
           add(path, axis, np.abs(leaves[path].astype(np.float64)))
     if not rows:
       filter_criterion = "l1" if criterion == "bn_scale" else criterion
+      fallback.add(name)
       for path in g.producers:
         if path not in leaves:  # a weight computed from several variables: no single filter to score
           continue
@@ -130,6 +133,13 @@ def traced_importance(net: TracedNetwork, variables, criterion: str = "bn_scale"
       scores[name] = np.where(np.isnan(s), np.inf, s)
     else:
       scores[name] = np.full(g.width, np.inf)
+  if criterion == "bn_scale":
+    scored = [v[np.isfinite(v)] for k, v in scores.items() if k not in fallback]
+    scored = np.concatenate(scored) if scored else np.zeros(0)
+    unit = float(scored.mean()) if scored.size else 0.0
+    if unit > 0:  # the fallbacks' mean-1 L1 scores in the unit of the scales they stand in for
+      for k in fallback:
+        scores[k] = scores[k] * unit
   return scores
 
 
