@@ -21,6 +21,9 @@ Commands (every step resumable; rows with a summary.json are skipped, interrupte
 
 ``run`` ends with ``measure`` and ``report``. Results: experiments/results/bp_protocol/
 (results.csv, results.md, protocol.json with every command, wall time and the machine, plots).
+For every search, results.md gives the final keep probabilities and the blocks whose decision
+still changed in the last quarter of the search (``unsettled_blocks`` in the CSV; 0 = settled).
+One ``run`` at a time per work directory: a second is refused naming the first's PID.
 """
 
 from __future__ import annotations
@@ -284,7 +287,7 @@ def measure(workdir, repeats=5):
 
 COLUMNS = ("name", "method", "gamma", "seed", "blocks_removed", "pruned_blocks", "pruned_accuracy", "dense_accuracy",
            "pruned_params", "pruned_macs", "macs_removed_pct", "params_removed_pct", "speedup_b1", "speedup_b128",
-           "latency_ms_b1", "images_per_s_b128", "wall_s", "removed")
+           "latency_ms_b1", "images_per_s_b128", "wall_s", "removed", "unsettled_blocks")
 
 
 def collect(workdir):
@@ -327,6 +330,19 @@ def _gate_history(workdir, name):
     return [json.loads(x) for x in f if x.strip()]
 
 
+def unsettled_blocks(hist, tail=0.25):
+  """{block: decision changes} at the logged steps of the last ``tail`` of a search (each compared
+  with the log before it; keep iff p >= 0.5); empty when every decision had settled."""
+  last = hist[max(int(len(hist) * (1 - tail)) - 1, 0):]
+  flips = {}
+  for k in (last[0]["gate_probs"] if last else {}):
+    keep = [h["gate_probs"][k] >= 0.5 for h in last]
+    n = sum(a != b for a, b in zip(keep, keep[1:]))
+    if n:
+      flips[k] = n
+  return flips
+
+
 def _save(plt, fig, ax, xlabel, ylabel, path):
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
@@ -345,11 +361,6 @@ def report(workdir, out=OUT):
 
   rows = collect(workdir)
   os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "results.csv"), "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=COLUMNS)
-    w.writeheader()
-    for r in rows:
-      w.writerow({k: r.get(k, "") for k in COLUMNS})
 
   def fmt(v, spec):
     return format(v, spec) if isinstance(v, (int, float)) and v != "" else str(v)
@@ -369,9 +380,20 @@ def report(workdir, out=OUT):
       if hist:
         last = hist[-1]["gate_probs"]
         margins = sorted(abs(p - 0.5) for p in last.values())
+        flips = unsettled_blocks(hist)
+        steps = [h.get("step", i + 1) for i, h in enumerate(hist)]
+        settled = ("every decision settled in the last quarter of the search" if not flips else
+                   f"decisions still changing in the last quarter (steps {steps[int(len(steps) * 0.75)]}-{steps[-1]}): "
+                   + ", ".join(f"{k} ({n}x)" for k, n in sorted(flips.items())))
         gates.append(f"- {r['name']}: keep probabilities at the end of the search: "
                      + ", ".join(f"{k} {v:.3f}" for k, v in sorted(last.items()))
-                     + f"; smallest margin |p - 0.5| = {margins[0]:.3f}")
+                     + f"; smallest margin |p - 0.5| = {margins[0]:.3f}; {settled}")
+        r["unsettled_blocks"] = len(flips)
+  with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=COLUMNS)
+    w.writeheader()
+    for r in rows:
+      w.writerow({k: r.get(k, "") for k in COLUMNS})
   with open(os.path.join(out, "results.md"), "w") as f:
     f.write("\n".join(lines) + "\n\n" + "\n".join(gates) + "\n")
   print("\n".join(lines))
