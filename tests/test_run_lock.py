@@ -6,7 +6,9 @@ import os
 import signal
 import subprocess
 import sys
+import types
 
+import numpy as np
 import pytest
 
 from bpcp_jax.run import pipeline, sweep
@@ -96,3 +98,48 @@ def test_a_sweep_leaves_a_run_in_use_to_its_writer(tmp_path, cifar_archive):
     assert any(line.startswith(f"[sweep") and f"{name}: skipped:" in line and "is being written by process" in line
                for line in lines), lines
     assert _listing(os.path.join(workdir, "runs", name)) == [(LOCK_FILE, _listing(os.path.join(workdir, "runs", name))[0][1])]
+
+
+def test_a_run_that_finished_meanwhile_is_kept_as_it_is(tmp_path, monkeypatch):
+  """--resume of a directory that did not exist yet: another process made it and finished its run
+  while this one loaded its data; its summary is returned, no stage runs again."""
+  workdir = str(tmp_path / "run")
+  config = apply_overrides(load_config_file(TINY), [f"data.cache_dir={tmp_path / 'cache'}"])
+  images = types.SimpleNamespace(images=np.zeros((2, 32, 32, 3), np.uint8), labels=np.zeros(2, np.int32),
+                                 class_names=["a", "b"])
+
+  def load_then_the_other_finishes(*a, **k):
+    out = images, images
+    os.makedirs(workdir)
+    pipeline._write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    pipeline._write_json(os.path.join(workdir, "summary.json"), {"finished": "by the other process"})
+    (tmp_path / "run" / "report.md").write_text("the other's report")
+    return out
+
+  def no_stages(*a, **k):
+    raise AssertionError("the stages of a finished run ran again")
+
+  # no network is built (seconds of compilation): what is checked is the order of lock, check and run
+  start = types.SimpleNamespace(output=types.SimpleNamespace(network=types.SimpleNamespace(input_shape=(32, 32, 3))))
+  monkeypatch.setattr(pipeline, "start_network", lambda *a: start)
+  monkeypatch.setattr(pipeline, "check_stage_inputs", lambda *a: None)
+  monkeypatch.setattr(pipeline, "describe_run", lambda *a: [])
+  monkeypatch.setattr(pipeline, "load_data", load_then_the_other_finishes)
+  monkeypatch.setattr(pipeline, "_run_locked", no_stages)
+  summary = pipeline.run_pipeline(config, workdir, resume=True, progress=False,
+                                  log=lambda s: None)
+  assert summary == {"finished": "by the other process"}
+
+
+def test_an_unwritable_run_directory_is_named_before_a_lock_file_is_made(tmp_path, monkeypatch):
+  """An existing directory that cannot be written gets check_workdir's message, and no .lock is made in it
+  (os.access stands in for the permissions: a test run as root may write anywhere)."""
+  workdir = str(tmp_path / "run")
+  os.makedirs(workdir)
+  access = os.access
+  monkeypatch.setattr(os, "access", lambda p, mode, **k: False if os.path.abspath(p) == workdir else access(p, mode, **k))
+  config = apply_overrides(load_config_file(TINY), [f"data.cache_dir={tmp_path / 'cache'}"])
+  with pytest.raises(PermissionError, match="not writable") as e:
+    pipeline.run_pipeline(config, workdir, progress=False, log=lambda s: None)
+  assert e.value.filename == workdir
+  assert os.listdir(workdir) == []

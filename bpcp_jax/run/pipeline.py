@@ -558,16 +558,21 @@ def run_pipeline(config, workdir: str, *, resume: bool = False, data_path: Optio
   # one writer at a time: an existing directory is locked before it is read, a new one when made
   existed = os.path.isdir(workdir)
   lock = {"enabled": jax.process_index() == 0, "then": "run again with --resume to continue its run"}
+
+  def kept(finished):
+    log(f"the run in {os.path.abspath(workdir)} has finished; its summary.json is kept as it is "
+        "(start a new --workdir to run again)")
+    if not os.path.exists(os.path.join(workdir, "report.md")):
+      report.write_report(workdir)
+    return finished
+
   with contextlib.ExitStack() as held:
     if existed:
+      _check_writable(os.path.abspath(workdir))  # its own message, before the lock file is made in it
       held.enter_context(hold_run_directory(workdir, **lock))
     finished = check_workdir(config, workdir, resume)
     if finished is not None:
-      log(f"the run in {os.path.abspath(workdir)} has finished; its summary.json is kept as it is "
-          "(start a new --workdir to run again)")
-      if not os.path.exists(os.path.join(workdir, "report.md")):
-        report.write_report(workdir)
-      return finished
+      return kept(finished)
     start = start_network(config, input_dir)
     check_stage_inputs(stages, start)
     for line in describe_run(config, stages, start, workdir, resume, data_path):
@@ -581,7 +586,9 @@ def run_pipeline(config, workdir: str, *, resume: bool = False, data_path: Optio
     if not existed:  # made now; a process that made it meanwhile holds it, or has left a run in it
       os.makedirs(workdir, exist_ok=True)
       held.enter_context(hold_run_directory(workdir, **lock))
-      check_workdir(config, workdir, resume)
+      finished = check_workdir(config, workdir, resume)
+      if finished is not None:  # (with resume) a run that finished meanwhile is kept as it is
+        return kept(finished)
     return _run_locked(config, workdir, resume, stages, start, train, test, progress, log, before_stage)
 
 
