@@ -143,3 +143,59 @@ def test_an_unwritable_run_directory_is_named_before_a_lock_file_is_made(tmp_pat
     pipeline.run_pipeline(config, workdir, progress=False, log=lambda s: None)
   assert e.value.filename == workdir
   assert os.listdir(workdir) == []
+
+
+def test_every_process_of_a_job_learns_whether_process_0_got_the_lock(tmp_path, monkeypatch):
+  """Multi-process jobs: process 0 tries the lock and broadcasts the outcome, so the other
+  processes are refused with it instead of training on alone."""
+  import jax
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  workdir = str(tmp_path / "run")
+  sent = []
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  for index, outcome in ((1, 1), (1, 0)):  # another process: process 0 was refused / got it
+    monkeypatch.setattr(jax, "process_index", lambda i=index: i)
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda x, o=outcome: np.int32(o))
+    if outcome:
+      with pytest.raises(RunDirectoryInUse, match="process 0 of this job was refused"):
+        with hold_run_directory(workdir, job=True):
+          pass
+    else:
+      with hold_run_directory(workdir, job=True):
+        with hold_run_directory(workdir):  # process 1 holds nothing itself
+          pass
+  monkeypatch.setattr(jax, "process_index", lambda: 0)
+  monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda x: sent.append(int(x)) or x)
+  with hold_run_directory(workdir):  # another job's process 0
+    with pytest.raises(RunDirectoryInUse, match=f"is being written by process {os.getpid()}"):
+      with hold_run_directory(workdir, job=True):
+        pass
+  with hold_run_directory(workdir, job=True):
+    with pytest.raises(RunDirectoryInUse):
+      with hold_run_directory(workdir):
+        pass
+  assert sent == [1, 0]
+
+
+def test_a_lock_file_of_another_user_is_locked_read_only(tmp_path, monkeypatch):
+  """A team's shared run directory: the .lock another user made cannot be opened for writing,
+  yet it still locks (before: PermissionError on a directory the user may write)."""
+  from bpcp_jax.run import lock
+
+  workdir = str(tmp_path / "run")
+  with hold_run_directory(workdir):
+    pass
+  real_open = os.open
+
+  def not_writable(path, flags, *a):
+    if path.endswith(LOCK_FILE) and flags & os.O_RDWR:
+      raise PermissionError(13, "Permission denied", path)
+    return real_open(path, flags, *a)
+
+  monkeypatch.setattr(lock.os, "open", not_writable)
+  with hold_run_directory(workdir):
+    with pytest.raises(RunDirectoryInUse, match=f"{workdir} is being written by process {os.getpid()}"):
+      with hold_run_directory(workdir):
+        pass

@@ -71,9 +71,9 @@ def traced_importance(net: TracedNetwork, variables, criterion: str = "bn_scale"
   """One score per channel of every group (higher = keep), from the members the trace found.
 
   ``bn_scale``: |scale| of the normalisation layers (rank-1 ``scale`` variables) in the group; a
-  group without one falls back to ``l1``, rescaled so its mean is the mean |scale| of the
-  network's scored channels (a fallback group compares with the normalised ones as an average
-  one of them, not as 1 against scales that L1 sparsity drove to about 0.1). ``l1`` / ``l2`` / ``cop``: the filters producing the
+  group without one falls back to ``l1`` (each producer's norms divided by their mean) times the
+  mean |scale| of the network's normalised channels, so a fallback channel of average norm
+  compares as an average normalised one (not as 1 against scales L1 sparsity drove to ~0.1). ``l1`` / ``l2`` / ``cop``: the filters producing the
   channel (``channel_prune``'s filter criteria; L1 and L2 norms divided by their layer's mean, so
   layers of different fan-in compare). ``random``: uniform scores drawn from ``key``. Several
   members of one channel are combined by ``reduce`` (``max``, ``mean`` or ``sum``); within one

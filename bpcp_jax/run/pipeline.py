@@ -557,7 +557,7 @@ def run_pipeline(config, workdir: str, *, resume: bool = False, data_path: Optio
     log(f"[pretrain] skipped: starting from the trained weights in {config.init_from}")
   # one writer at a time: an existing directory is locked before it is read, a new one when made
   existed = os.path.isdir(workdir)
-  lock = {"enabled": jax.process_index() == 0, "then": "run again with --resume to continue its run"}
+  lock = {"job": True, "then": "run again with --resume to continue its run"}
 
   def kept(finished):
     log(f"the run in {os.path.abspath(workdir)} has finished; its summary.json is kept as it is "
