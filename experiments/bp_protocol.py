@@ -10,7 +10,10 @@ the same fine-tune budget:
   for every ``n`` a BP row removed, 3 seeds;
 - ``heuristic_last_<n>``: the last blocks of every stage removed + the same fine-tune;
 - ``cp``: channels only (|BN scale|, widths x4) to 20% of the dense MACs + fine-tune;
-- ``bpcp``: channels of the middle BP row's network to the same 20% of the dense MACs + fine-tune.
+- ``bpcp``: channels of the middle BP row's network to the same 20% of the dense MACs + fine-tune;
+- ``random_after_bp_gamma<g>``: the BP row's searched weights (its search trained them for
+  ``stages.search.epochs`` more than the other controls got), as many blocks removed at random
+  (seed 0) instead of the searched ones + the same fine-tune: block choice alone differs.
 
 Commands (every step resumable; rows with a summary.json are skipped, interrupted ones resume):
 
@@ -239,6 +242,15 @@ def run(workdir, gammas, data=None, config=None, sets=(), out=OUT):
                                    "--config.stages.run=prune,finetune_channels",
                                    f"--config.stages.prune.ratio={ratio:.6f}"],
             data, {"method": "bpcp", "from": mid})
+  # the sharpest control: each search's own weights and training, other blocks removed (one seed)
+  for name, s in bp_rows.items():
+    n = min(_blocks_removed(s), most)
+    if n:
+      run_row(workdir, log, f"random_after_{name}", [
+          "pipeline", "--from", _ckpt(workdir, name, "search"), "--config.stages.run=search,finetune_blocks",
+          "--config.stages.search.method=random", f"--config.stages.search.blocks={n}",
+          f"--config.stages.search.select_seed={SEEDS[0]}"], data,
+          {"method": "random_after_search", "blocks_removed": n, "seed": SEEDS[0], "from": name})
   measure(workdir)
   report(workdir, out)
 
@@ -400,10 +412,11 @@ def report(workdir, out=OUT):
 
   # accuracy vs blocks removed: BP vs random (mean, min-max over seeds) vs heuristic
   fig, ax = plt.subplots(figsize=(6.5, 4.2))
-  for method, style in (("bp", "o-"), ("last", "s--")):
+  for method, style, label in (("bp", "o-", "BP search"), ("last", "s--", "last blocks of each stage"),
+                               ("random_after_search", "v", "random blocks, BP's searched weights")):
     pts = sorted((r["blocks_removed"], 100 * r["pruned_accuracy"]) for r in rows if r["method"] == method)
     if pts:
-      ax.plot(*zip(*pts), style, label={"bp": "BP search", "last": "last blocks of each stage"}[method])
+      ax.plot(*zip(*pts), style, label=label)
   rnd = {}
   for r in rows:
     if r["method"] == "random":
@@ -420,7 +433,7 @@ def report(workdir, out=OUT):
         os.path.join(out, "accuracy_vs_blocks.png"))
 
   fig, ax = plt.subplots(figsize=(6.5, 4.2))
-  markers = {"dense": "k*", "bp": "o", "random": "^", "last": "s", "cp": "D", "bpcp": "P"}
+  markers = {"dense": "k*", "bp": "o", "random": "^", "last": "s", "random_after_search": "v", "cp": "D", "bpcp": "P"}
   for method, m in markers.items():
     pts = [(r["pruned_macs"] / 1e6, 100 * r["pruned_accuracy"]) for r in rows if r["method"] == method]
     if pts:
