@@ -208,15 +208,24 @@ def run(workdir, gammas, data=None, config=None, sets=(), out=OUT):
     log["gammas"] = gammas
     _save_log(workdir, log)
     print(f"gammas from calibrate: {gammas}", flush=True)
-  bp_rows = {}
+  bp_rows, most = {}, None
   for g in gammas:
     name = f"bp_gamma{g:g}"
-    bp_rows[name] = run_row(workdir, log, name, ["pipeline", "--from", dense, "--config.stages.run=search,finetune_blocks",
-                                                 f"--config.stages.search.gamma={g}"], data,
-                            {"gamma": g, "method": "bp"})
-  # the controls never empty a stage: at most (blocks - stages) can go
-  stages = len({b.split("_")[0] for b in next(iter(bp_rows.values()))["dense"]["blocks_kept"]})
-  most = len(next(iter(bp_rows.values()))["dense"]["blocks_kept"]) - stages
+    s = bp_rows[name] = run_row(workdir, log, name, ["pipeline", "--from", dense,
+                                                     "--config.stages.run=search,finetune_blocks",
+                                                     f"--config.stages.search.gamma={g}"], data,
+                                {"gamma": g, "method": "bp"})
+    if most is None:  # the controls never empty a stage: at most (blocks - stages) can go
+      most = len(s["dense"]["blocks_kept"]) - len({b.split("_")[0] for b in s["dense"]["blocks_kept"]})
+    # right after it, the sharpest control: the search's own weights and training, as many other
+    # blocks removed at random (one seed): block choice alone differs
+    n = min(_blocks_removed(s), most)
+    if n:
+      run_row(workdir, log, f"random_after_{name}", [
+          "pipeline", "--from", _ckpt(workdir, name, "search"), "--config.stages.run=search,finetune_blocks",
+          "--config.stages.search.method=random", f"--config.stages.search.blocks={n}",
+          f"--config.stages.search.select_seed={SEEDS[0]}"], data,
+          {"method": "random_after_search", "blocks_removed": n, "seed": SEEDS[0], "from": name})
   removed = sorted({min(_blocks_removed(s), most) for s in bp_rows.values()} - {0})
   for n in removed:
     run_row(workdir, log, f"heuristic_last_{n}", [
@@ -242,15 +251,6 @@ def run(workdir, gammas, data=None, config=None, sets=(), out=OUT):
                                    "--config.stages.run=prune,finetune_channels",
                                    f"--config.stages.prune.ratio={ratio:.6f}"],
             data, {"method": "bpcp", "from": mid})
-  # the sharpest control: each search's own weights and training, other blocks removed (one seed)
-  for name, s in bp_rows.items():
-    n = min(_blocks_removed(s), most)
-    if n:
-      run_row(workdir, log, f"random_after_{name}", [
-          "pipeline", "--from", _ckpt(workdir, name, "search"), "--config.stages.run=search,finetune_blocks",
-          "--config.stages.search.method=random", f"--config.stages.search.blocks={n}",
-          f"--config.stages.search.select_seed={SEEDS[0]}"], data,
-          {"method": "random_after_search", "blocks_removed": n, "seed": SEEDS[0], "from": name})
   measure(workdir)
   report(workdir, out)
 
