@@ -36,6 +36,7 @@ import csv
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -99,13 +100,25 @@ def run_row(workdir, log, name, args, data=None, meta=None):
   if os.path.isdir(os.path.join(_run_dir(workdir, name), "checkpoints")):
     cmd.append("--resume")
   print("$ " + " ".join(cmd), flush=True)
-  t0 = time.time()
-  subprocess.run(cmd, check=True, cwd=REPO)
   row = log["rows"].setdefault(name, {"command": " ".join(c for c in cmd if c != "--resume"), "seconds": 0.0})
-  row["seconds"] += time.time() - t0
   row.update(meta or {})
-  _save_log(workdir, log)
+  t0 = time.time()
+  try:
+    subprocess.run(cmd, check=True, cwd=REPO)
+  finally:  # an interrupted attempt's time counts too (its resume continues from its checkpoints)
+    row["seconds"] += time.time() - t0
+    _save_log(workdir, log)
   return _summary(workdir, name)
+
+
+def _train_seconds(workdir, name):
+  """The training loop's own seconds for the row (epoch_seconds in its metrics.jsonl, over every
+  session that resumed it); the wall time of a row run outside ``run_row``, such as the dense one."""
+  path = os.path.join(_run_dir(workdir, name), "metrics.jsonl")
+  if not os.path.exists(path):
+    return 0.0
+  with open(path) as f:
+    return sum(json.loads(x).get("epoch_seconds", 0.0) for x in f if x.strip())
 
 
 # -- calibrate -----------------------------------------------------------------------------------
@@ -299,7 +312,7 @@ def measure(workdir, repeats=5):
 
 COLUMNS = ("name", "method", "gamma", "seed", "blocks_removed", "pruned_blocks", "pruned_accuracy", "dense_accuracy",
            "pruned_params", "pruned_macs", "macs_removed_pct", "params_removed_pct", "speedup_b1", "speedup_b128",
-           "latency_ms_b1", "images_per_s_b128", "wall_s", "removed", "unsettled_blocks")
+           "latency_ms_b1", "images_per_s_b128", "wall_s", "train_s", "removed", "unsettled_blocks")
 
 
 def collect(workdir):
@@ -322,7 +335,7 @@ def collect(workdir):
            "pruned_params": s["pruned"]["params"], "pruned_macs": s["pruned"]["macs"],
            "macs_removed_pct": 100 * (1 - s["pruned"]["macs"] / d_macs) if d_macs else "",
            "params_removed_pct": 100 * (1 - s["pruned"]["params"] / d_params) if d_params else "",
-           "wall_s": round(info.get("seconds", 0.0), 1),
+           "wall_s": round(info.get("seconds", 0.0), 1), "train_s": round(_train_seconds(workdir, name), 1),
            "removed": " ".join(b for b in all_blocks if b not in kept)}
     if name in lat and "dense" in lat:
       row["latency_ms_b1"] = lat[name]["latency_ms_b1"]
@@ -377,13 +390,13 @@ def report(workdir, out=OUT):
   def fmt(v, spec):
     return format(v, spec) if isinstance(v, (int, float)) and v != "" else str(v)
 
-  lines = ["| row | blocks removed | test acc % | params | MACs | MACs cut | speed-up b1 | speed-up b128 | wall |",
-           "|---|---|---|---|---|---|---|---|---|"]
+  lines = ["| row | blocks removed | test acc % | params | MACs | MACs cut | speed-up b1 | speed-up b128 | wall | training |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     lines.append(f"| {r['name']} | {r['blocks_removed']} | {100 * r['pruned_accuracy']:.2f} | {r['pruned_params']:,} | "
                  f"{r['pruned_macs'] / 1e6:.1f}M | {fmt(r['macs_removed_pct'], '.1f')}% | "
                  f"{fmt(r.get('speedup_b1', ''), '.2f')}x | {fmt(r.get('speedup_b128', ''), '.2f')}x | "
-                 f"{r['wall_s'] / 60:.1f} min |")
+                 f"{fmt(r['wall_s'] / 60 if r['wall_s'] else '', '.1f')} min | {r['train_s'] / 60:.1f} min |")
   # gate probabilities of every BP search, epoch by epoch
   gates = []
   for r in rows:
@@ -407,7 +420,9 @@ def report(workdir, out=OUT):
     for r in rows:
       w.writerow({k: r.get(k, "") for k in COLUMNS})
   with open(os.path.join(out, "results.md"), "w") as f:
-    f.write("\n".join(lines) + "\n\n" + "\n".join(gates) + "\n")
+    f.write("\n".join(lines) + "\n\nwall: the row's commands from start to end over every attempt (data, compile, "
+            "evaluation, materializing); training: its training loop's epoch seconds (metrics.jsonl).\n\n"
+            + "\n".join(gates) + "\n")
   print("\n".join(lines))
 
   # accuracy vs blocks removed: BP vs random (mean, min-max over seeds) vs heuristic
@@ -477,6 +492,8 @@ def main():
   ap.add_argument("--config", default=None, help=f"another base config than {CONFIG} (a dry run)")
   ap.add_argument("--set", action="append", default=[], help="KEY=VALUE override for every row (a dry run)")
   a = ap.parse_args()
+  # a SIGTERM (a session ending) unwinds like Ctrl-C, so the time of an interrupted row is recorded
+  signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
   os.makedirs(a.workdir, exist_ok=True)
   if a.command == "calibrate":
     calibrate(a.workdir, a.data)
