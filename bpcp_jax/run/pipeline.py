@@ -36,9 +36,9 @@ from bpcp_jax.families.spec import parse_model_name
 from bpcp_jax.pruning.block_search import BLOCK_METHODS, select_blocks
 from bpcp_jax.pruning.channel_prune import format_report
 from bpcp_jax.pruning.network import PrunableNetwork, network_from_description
-from bpcp_jax.run.lock import hold_run_directory
 from bpcp_jax.run.config import (RESUME_FREE_KEYS, STAGES, ConfigError, check_config, config_differences,
                                  stage_list)
+from bpcp_jax.run.lock import hold_run_directory
 from bpcp_jax.training import data, parallel, steps
 from bpcp_jax.training.checkpoint import (CheckpointError, CheckpointWarning, StageCheckpoints, network_meta,
                                           read_stage_checkpoint)
