@@ -136,6 +136,28 @@ def test_write_results_files_and_read_back(tmp_path):
   assert "ValueError: boom" in md and "![pareto](pareto.png)" in md
 
 
+def test_results_are_replaced_whole(tmp_path, monkeypatch):
+  """A write that fails half way (a full disk, a killed process) leaves the previous results.csv
+  as it was and no temporary file; two sweep processes never interleave one file."""
+  rows = _fake_rows()
+  written = sweep.write_results(str(tmp_path), rows)
+  before = _read(written["csv"])
+  calls = []
+
+  def fail_on_second_row(self, row):
+    calls.append(row)
+    if len(calls) == 2:
+      raise OSError(28, "No space left on device")
+    return real(self, row)
+
+  real = csv.DictWriter.writerow
+  monkeypatch.setattr(csv.DictWriter, "writerow", fail_on_second_row)
+  with pytest.raises(OSError, match="No space left"):
+    sweep.write_results(str(tmp_path), rows[:2])
+  assert _read(written["csv"]) == before
+  assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
+
+
 def _cli(args, timeout=900):
   env = {**os.environ, "XLA_FLAGS": ""}
   p = subprocess.run([sys.executable, "-m", "bpcp_jax.run.cli", *args], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,

@@ -330,17 +330,33 @@ def swept_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
   return [c for c in result_columns(rows) if "." in c]
 
 
+def _replace_with(path: str, write: Callable[[str], None]) -> None:
+  """``write(tmp)`` then rename over ``path``: a reader (or a second sweep process writing the same
+  results) never sees a half-written file."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
 def write_results(sweep_dir: str, rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
-  """Write ``results.csv``, ``results.md`` and the plots; returns {what: path} of every file written."""
+  """Write ``results.csv``, ``results.md`` and the plots (each replaced whole); returns {what: path}
+  of every file written."""
   written = {}
   columns = result_columns(rows)
-  path = os.path.join(sweep_dir, "results.csv")
-  with open(path, "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=columns)
-    w.writeheader()
-    for r in rows:
-      w.writerow({c: "" if r.get(c) is None else r.get(c) for c in columns})
-  written["csv"] = path
+
+  def write_csv(tmp):
+    with open(tmp, "w", newline="") as f:
+      w = csv.DictWriter(f, fieldnames=columns)
+      w.writeheader()
+      for r in rows:
+        w.writerow({c: "" if r.get(c) is None else r.get(c) for c in columns})
+
+  written["csv"] = os.path.join(sweep_dir, "results.csv")
+  _replace_with(written["csv"], write_csv)
   plots = {}
   if _done(rows):
     plots["pareto"] = plot_pareto(rows)
@@ -351,12 +367,16 @@ def write_results(sweep_dir: str, rows: Sequence[Mapping[str, Any]]) -> dict[str
     if fig is None:
       continue
     written[name] = os.path.join(sweep_dir, f"{name}.png")
-    fig.savefig(written[name], dpi=110)
+    _replace_with(written[name], lambda tmp, fig=fig: fig.savefig(tmp, dpi=110, format="png"))
   md = results_markdown(rows, os.path.basename(os.path.abspath(sweep_dir)),
                         images=[f"{n}.png" for n in plots if plots[n] is not None])
   written["md"] = os.path.join(sweep_dir, "results.md")
-  with open(written["md"], "w") as f:
-    f.write(md)
+
+  def write_md(tmp):
+    with open(tmp, "w") as f:
+      f.write(md)
+
+  _replace_with(written["md"], write_md)
   return written
 
 
