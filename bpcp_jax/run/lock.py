@@ -89,13 +89,9 @@ def hold_run_directory(workdir: str, *, then: str = "run again", job: bool = Fal
   if fcntl is None:
     yield
     return
-  if not job:
-    with _hold_here(workdir, then):
-      yield
-    return
   import jax
 
-  if jax.process_count() == 1:
+  if not job or jax.process_count() == 1:
     with _hold_here(workdir, then):
       yield
     return
