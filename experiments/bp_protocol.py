@@ -221,7 +221,7 @@ def run(workdir, gammas, data=None, config=None, sets=(), out=OUT):
     log["gammas"] = gammas
     _save_log(workdir, log)
     print(f"gammas from calibrate: {gammas}", flush=True)
-  bp_rows, most = {}, None
+  bp_rows, most, controlled = {}, None, set()
   for g in gammas:
     name = f"bp_gamma{g:g}"
     s = bp_rows[name] = run_row(workdir, log, name, ["pipeline", "--from", dense,
@@ -230,25 +230,29 @@ def run(workdir, gammas, data=None, config=None, sets=(), out=OUT):
                                 {"gamma": g, "method": "bp"})
     if most is None:  # the controls never empty a stage: at most (blocks - stages) can go
       most = len(s["dense"]["blocks_kept"]) - len({b.split("_")[0] for b in s["dense"]["blocks_kept"]})
-    # right after it, the sharpest control: the search's own weights and training, as many other
-    # blocks removed at random (one seed): block choice alone differs
     n = min(_blocks_removed(s), most)
-    if n:
-      run_row(workdir, log, f"random_after_{name}", [
-          "pipeline", "--from", _ckpt(workdir, name, "search"), "--config.stages.run=search,finetune_blocks",
-          "--config.stages.search.method=random", f"--config.stages.search.blocks={n}",
-          f"--config.stages.search.select_seed={SEEDS[0]}"], data,
-          {"method": "random_after_search", "blocks_removed": n, "seed": SEEDS[0], "from": name})
-  removed = sorted({min(_blocks_removed(s), most) for s in bp_rows.values()} - {0})
-  for n in removed:
+    if not n:
+      continue
+    # right after each search, its controls, so that a protocol cut short by the end of a session
+    # still leaves complete comparisons behind. First the sharpest: the search's own weights and
+    # training, as many other blocks removed at random (one seed), so block choice alone differs
+    run_row(workdir, log, f"random_after_{name}", [
+        "pipeline", "--from", _ckpt(workdir, name, "search"), "--config.stages.run=search,finetune_blocks",
+        "--config.stages.search.method=random", f"--config.stages.search.blocks={n}",
+        f"--config.stages.search.select_seed={SEEDS[0]}"], data,
+        {"method": "random_after_search", "blocks_removed": n, "seed": SEEDS[0], "from": name})
+    if n in controlled:
+      continue
+    controlled.add(n)
+    # then the dense-started controls with the same number of blocks: the heuristic and 3 random seeds
     run_row(workdir, log, f"heuristic_last_{n}", [
         "pipeline", "--from", dense, "--config.stages.run=search,finetune_blocks", "--config.stages.search.method=last",
         f"--config.stages.search.blocks={n}"], data, {"method": "last", "blocks_removed": n})
-    for s in SEEDS:
-      run_row(workdir, log, f"random_blocks_{n}_seed{s}", [
+    for seed in SEEDS:
+      run_row(workdir, log, f"random_blocks_{n}_seed{seed}", [
           "pipeline", "--from", dense, "--config.stages.run=search,finetune_blocks",
           "--config.stages.search.method=random", f"--config.stages.search.blocks={n}",
-          f"--config.stages.search.select_seed={s}"], data, {"method": "random", "blocks_removed": n, "seed": s})
+          f"--config.stages.search.select_seed={seed}"], data, {"method": "random", "blocks_removed": n, "seed": seed})
   run_row(workdir, log, "cp", ["pipeline", "--from", dense, "--config.stages.run=prune,finetune_channels",
                                f"--config.stages.prune.ratio={1 - MACS_KEPT}"], data, {"method": "cp"})
   # BPCP: the BP row nearest to 8 removed blocks whose network still has more MACs than the target,

@@ -22,3 +22,28 @@ def test_unsettled_blocks_counts_decision_changes_in_the_last_quarter():
   assert unsettled(hist) == {"c": 2}
   assert unsettled(hist, tail=1.0) == {"b": 3, "c": 2}
   assert unsettled([]) == {}
+
+
+def test_each_search_is_followed_by_its_controls(tmp_path, monkeypatch):
+  """Rows run in an order that leaves complete comparisons behind when a session ends early: every
+  BP row, then its random_after row, then (once per number of removed blocks) the heuristic and
+  the 3 random seeds; CP and BPCP last."""
+  protocol = _protocol()
+  blocks = [f"stage{s}_block{b}" for s in range(3) for b in range(6)]
+  removed = {"bp_gamma0.1": 4, "bp_gamma0.2": 8, "bp_gamma0.3": 8, "bp_gamma0.4": 0}
+  ran = []
+
+  def fake_row(workdir, log, name, args, data=None, meta=None):
+    ran.append(name)
+    n = removed.get(name, 0)
+    return {"dense": {"blocks_kept": blocks, "macs": 100.0}, "pruned": {"blocks_kept": blocks[n:], "macs": 100.0 - n}}
+
+  monkeypatch.setattr(protocol, "run_row", fake_row)
+  monkeypatch.setattr(protocol, "measure", lambda workdir: ran.append("measure"))
+  monkeypatch.setattr(protocol, "report", lambda workdir, out: ran.append("report"))
+  protocol.run(str(tmp_path), [0.1, 0.2, 0.3, 0.4])
+  controls = lambda n: [f"heuristic_last_{n}"] + [f"random_blocks_{n}_seed{s}" for s in range(3)]
+  assert ran == (["dense", "bp_gamma0.1", "random_after_bp_gamma0.1", *controls(4),
+                  "bp_gamma0.2", "random_after_bp_gamma0.2", *controls(8),
+                  "bp_gamma0.3", "random_after_bp_gamma0.3", "bp_gamma0.4",
+                  "cp", "bpcp", "measure", "report"])
