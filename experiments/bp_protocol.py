@@ -26,7 +26,8 @@ Commands (every step resumable; rows with a summary.json are skipped, interrupte
 (results.csv, results.md, protocol.json with every command, wall time and the machine, plots).
 For every search, results.md gives the final keep probabilities and the blocks whose decision
 still changed in the last quarter of the search (``unsettled_blocks`` in the CSV; 0 = settled).
-One ``run`` at a time per work directory: a second is refused naming the first's PID.
+One ``run``, ``calibrate`` or ``measure`` at a time per work directory: a second is refused naming the
+first's PID; ``report`` reads only, so a partial report can be made while a run goes on.
 """
 
 from __future__ import annotations
@@ -391,16 +392,16 @@ def report(workdir, out=OUT):
   rows = collect(workdir)
   os.makedirs(out, exist_ok=True)
 
-  def fmt(v, spec):
-    return format(v, spec) if isinstance(v, (int, float)) and v != "" else str(v)
+  def fmt(v, spec, unit=""):  # "-" for a figure not measured (yet)
+    return format(v, spec) + unit if isinstance(v, (int, float)) else "-"
 
   lines = ["| row | blocks removed | test acc % | params | MACs | MACs cut | speed-up b1 | speed-up b128 | wall | training |",
            "|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     lines.append(f"| {r['name']} | {r['blocks_removed']} | {100 * r['pruned_accuracy']:.2f} | {r['pruned_params']:,} | "
-                 f"{r['pruned_macs'] / 1e6:.1f}M | {fmt(r['macs_removed_pct'], '.1f')}% | "
-                 f"{fmt(r.get('speedup_b1', ''), '.2f')}x | {fmt(r.get('speedup_b128', ''), '.2f')}x | "
-                 f"{fmt(r['wall_s'] / 60 if r['wall_s'] else '', '.1f')} min | {r['train_s'] / 60:.1f} min |")
+                 f"{r['pruned_macs'] / 1e6:.1f}M | {fmt(r['macs_removed_pct'], '.1f', '%')} | "
+                 f"{fmt(r.get('speedup_b1'), '.2f', 'x')} | {fmt(r.get('speedup_b128'), '.2f', 'x')} | "
+                 f"{fmt(r['wall_s'] / 60 if r['wall_s'] else None, '.1f', ' min')} | {r['train_s'] / 60:.1f} min |")
   # gate probabilities of every BP search, epoch by epoch
   gates = []
   for r in rows:
@@ -499,23 +500,25 @@ def main():
   # a SIGTERM (a session ending) unwinds like Ctrl-C, so the time of an interrupted row is recorded
   signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
   os.makedirs(a.workdir, exist_ok=True)
-  if a.command == "calibrate":
-    calibrate(a.workdir, a.data)
-  elif a.command == "run":
-    sys.path.insert(0, REPO)
-    from bpcp_jax.run.lock import RunDirectoryInUse, hold_run_directory
-
-    gammas = a.gammas.strip() if a.gammas.strip() == "auto" else [float(g) for g in a.gammas.split(",") if g.strip()]
-    try:
-      # one runner per work directory (it writes protocol.json)
-      with hold_run_directory(a.workdir, then="run the same command again (finished rows are kept)"):
-        run(a.workdir, gammas, a.data, a.config, a.set, a.out)
-    except RunDirectoryInUse as e:
-      raise SystemExit(f"bp_protocol: {e}") from None
-  elif a.command == "measure":
-    measure(a.workdir)
-  else:
+  if a.command == "report":  # reads the work directory only: a partial report while a run goes on
     report(a.workdir, a.out)
+    return
+  sys.path.insert(0, REPO)
+  from bpcp_jax.run.lock import RunDirectoryInUse, hold_run_directory
+
+  gammas = a.gammas.strip() if a.gammas.strip() == "auto" else [float(g) for g in a.gammas.split(",") if g.strip()]
+  try:
+    # one writer per work directory (protocol.json, calibration.json, latency.json)
+    with hold_run_directory(a.workdir, then="run the same command again"
+                            + (" (finished rows are kept)" if a.command == "run" else "")):
+      if a.command == "calibrate":
+        calibrate(a.workdir, a.data)
+      elif a.command == "measure":
+        measure(a.workdir)
+      else:
+        run(a.workdir, gammas, a.data, a.config, a.set, a.out)
+  except RunDirectoryInUse as e:
+    raise SystemExit(f"bp_protocol: {e}") from None
 
 
 if __name__ == "__main__":
