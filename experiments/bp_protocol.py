@@ -20,12 +20,16 @@ Commands (every step resumable; rows with a summary.json are skipped, interrupte
   python experiments/bp_protocol.py calibrate --workdir runs/bp_protocol   # per-block dL/dg, suggested gammas
   python experiments/bp_protocol.py run --workdir runs/bp_protocol --gammas 0.01,0.02,0.04   # or --gammas auto
   python experiments/bp_protocol.py measure --workdir runs/bp_protocol     # b1/b128 latency, interleaved
+  python experiments/bp_protocol.py ablate --workdir runs/bp_protocol      # block choice alone, no fine-tune
   python experiments/bp_protocol.py report --workdir runs/bp_protocol      # CSV, markdown, plots
 
 ``run`` ends with ``measure`` and ``report``. Results: experiments/results/bp_protocol/
 (results.csv, results.md, protocol.json with every command, wall time and the machine, plots).
 For every search, results.md gives the final keep probabilities and the blocks whose decision
 still changed in the last quarter of the search (``unsettled_blocks`` in the CSV; 0 = settled).
+``ablate`` (beside or after ``run``) judges each searched removal without any fine-tune, against the
+heuristics and 10 random removals of as many blocks, at the dense and at the search's weights, BN
+statistics re-estimated for each (results.md's last section, ablation.png).
 One ``run``, ``calibrate`` or ``measure`` at a time per work directory: a second is refused naming the
 first's PID; ``report`` reads only, so a partial report can be made while a run goes on.
 """
@@ -81,12 +85,16 @@ def _cpu_model():
   return cpu_fields().get("model name") or platform.processor()
 
 
-def _summary(workdir, name):
-  path = os.path.join(_run_dir(workdir, name), "summary.json")
+def _read_json(path):
+  """The file's JSON, or None where there is no such file."""
   if not os.path.exists(path):
     return None
   with open(path) as f:
     return json.load(f)
+
+
+def _summary(workdir, name):
+  return _read_json(os.path.join(_run_dir(workdir, name), "summary.json"))
 
 
 def run_row(workdir, log, name, args, data=None, meta=None):
@@ -188,6 +196,159 @@ def calibrate(workdir, data=None, batches=40, batch_size=128):
   with open(os.path.join(workdir, "calibration.json"), "w") as f:
     json.dump(out, f, indent=2, sort_keys=True)
   return out
+
+
+# -- ablate: block choice without fine-tuning ----------------------------------------------------
+
+ABLATION = os.path.join("ablation", "ablation.json")  # in the work directory, with its own lock
+
+
+def _removal_set(blocks, removed):
+  return {b: 0.0 if b in removed else 1.0 for b in blocks}
+
+
+def _greedy_set(blocks, stages, drop, n):
+  """The n blocks whose removal alone costs the least accuracy, never every block of a stage."""
+  removed = []
+  for b in sorted(blocks, key=lambda b: (drop[b], b)):
+    if len(removed) == n:
+      break
+    stage = stages[b]
+    if sum(1 for x in blocks if stages[x] == stage and x not in removed) > 1:
+      removed.append(b)
+  return removed
+
+
+def ablate(workdir, data=None, test_per_class=500, random_sets=10, bn_batches=40):
+  """Test accuracy with blocks removed and nothing fine-tuned: how good is a block choice by itself?
+
+  At the dense weights: every block removed alone (the single-block drop). Then, for every finished
+  BP search, the same number of blocks removed by BP, by the last-blocks heuristic, by the
+  single-block drops (greedy: the n cheapest alone, never a whole stage), and by ``random_sets``
+  random draws (``select_blocks``' rule, seeds 0..): at the dense weights (where the controls
+  start) and at the search's weights (trained under sampled gates, where BP chose).
+
+  Before each evaluation the BN running statistics are re-estimated for the network with those
+  blocks removed (``bn_batches`` x 128 training images augmented as in training, the same for every
+  removal; momentum 0.9, so 0.9**40 = 1.5% of the old statistics remain): without it, a removal is judged mostly by how
+  far the statistics accumulated with the blocks in place are off (BN recalibration, as one-shot
+  architecture searches do). Gates of 0/1 go into one compiled recalibration and evaluation, so a
+  removal costs ``bn_batches`` training-mode passes and one pass over ``test_per_class`` x classes
+  test images; results are kept in ablation/ablation.json and re-running evaluates only what is new.
+  """
+  sys.path.insert(0, REPO)
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from bpcp_jax.pruning.block_search import select_blocks
+  from bpcp_jax.run.config import apply_overrides, load_config_file
+  from bpcp_jax.run.pipeline import load_data
+  from bpcp_jax.training import data as bdata
+  from bpcp_jax.training.checkpoint import load_stage
+
+  import absl.logging
+
+  absl.logging.set_verbosity("error")  # orbax's read-only notices
+  log = _load_log(workdir)
+  config = apply_overrides(load_config_file(os.path.join(REPO, log.get("config", CONFIG))), log.get("set", []))
+  config.data.max_test_per_class = test_per_class
+  train, test = load_data(config, data, progress=False)
+  pick = np.random.default_rng(0).choice(len(train.labels), bn_batches * 128, replace=False)
+  # augmented as in training (pad-crop-flip): statistics of unaugmented images cost the dense
+  # network 3 points (83.4% -> 80.3% on these test images), augmented ones none (83.5%)
+  raw = jnp.asarray(train.images[pick].reshape(bn_batches, 128, *train.images.shape[1:]))
+  bn_inputs = jax.vmap(bdata.augment)(jax.random.split(jax.random.PRNGKey(0), bn_batches), raw)
+  path = os.path.join(workdir, ABLATION)
+  out = _read_json(path) or {}
+  if (out.get("test_images"), out.get("bn_images"), out.get("bn")) != (len(test.labels), bn_batches * 128, "augmented"):
+    out = {"test_images": len(test.labels), "bn_images": bn_batches * 128, "bn": "augmented", "accuracy": {}}
+  network, dense_vars, _ = load_stage(_ckpt(workdir, "dense", "pretrain"))
+  blocks = list(network.block_names)
+  stages = {b: i for i, s in enumerate(network.block_stages()) for b in s}
+
+  @jax.jit
+  def recalibrate(variables, gates):
+    def one_batch(stats, x):
+      _, stats = network.apply({"params": variables["params"], "batch_stats": stats}, x, train=True,
+                               block_gates=gates)
+      return stats, None
+
+    return {"params": variables["params"], "batch_stats": jax.lax.scan(one_batch, variables["batch_stats"],
+                                                                       bn_inputs)[0]}
+
+  @jax.jit
+  def correct(variables, images, labels, gates):
+    logits = network.apply(variables, bdata.normalize(images), train=False, block_gates=gates)
+    return jnp.sum(jnp.argmax(logits, -1) == labels)
+
+  def accuracy(weights, variables, removed):
+    key = f"{weights}|{' '.join(sorted(removed))}"
+    if key not in out["accuracy"]:
+      gates = {b: jnp.float32(v) for b, v in _removal_set(blocks, removed).items()}
+      variables = recalibrate(variables, gates)
+      hits = sum(int(correct(variables, test.images[i:i + 500], test.labels[i:i + 500], gates))
+                 for i in range(0, len(test.labels), 500))
+      out["accuracy"][key] = hits / len(test.labels)
+      with open(path + ".tmp", "w") as f:
+        json.dump(out, f, indent=1, sort_keys=True)
+      os.replace(path + ".tmp", path)
+      print(f"[ablate] {weights} weights, removed {len(removed)} ({', '.join(sorted(removed)) or 'none'}): "
+            f"{100 * out['accuracy'][key]:.2f}%", flush=True)
+    return out["accuracy"][key]
+
+  base = accuracy("dense", dense_vars, [])
+  drop = {b: base - accuracy("dense", dense_vars, [b]) for b in blocks}
+  out["single_drop"] = drop
+  out["searches"] = {}
+  for name in sorted(os.listdir(os.path.join(workdir, "runs"))):
+    s = _summary(workdir, name)
+    if not name.startswith("bp_gamma") or s is None:
+      continue
+    bp = [b for b in blocks if b not in s["pruned"]["blocks_kept"]]
+    n = len(bp)
+    if not n:
+      continue
+    sets = {"bp": bp, "last": [b for b, v in select_blocks(network, dense_vars, "last", n).items() if v < 0],
+            "greedy_single_drop": _greedy_set(blocks, stages, drop, n)}
+    for seed in range(random_sets):
+      sets[f"random_seed{seed}"] = [b for b, v in select_blocks(network, dense_vars, "random", n, seed=seed).items()
+                                    if v < 0]
+    _, search_vars, _ = load_stage(_ckpt(workdir, name, "search"))
+    res = {"blocks_removed": n, "sets": sets, "dense": {}, "search": {"none": accuracy(name, search_vars, [])}}
+    res["dense"]["none"] = base
+    for label, removed in sets.items():
+      res["dense"][label] = accuracy("dense", dense_vars, removed)
+      res["search"][label] = accuracy(name, search_vars, removed)
+    out["searches"][name] = res
+  with open(path + ".tmp", "w") as f:
+    json.dump(out, f, indent=1, sort_keys=True)
+  os.replace(path + ".tmp", path)
+  print(ablation_table(out))
+  return out
+
+
+def ablation_table(out):
+  """Markdown: per search, BP's removal against the controls' without fine-tuning."""
+  import numpy as np
+
+  lines = [f"Test accuracy (%) with the blocks removed and nothing fine-tuned but the BN statistics "
+           f"(re-estimated on {out['bn_images']:,} augmented training images; {out['test_images']:,} test images):",
+           "", "| search | blocks removed | weights | none removed | BP | last blocks | greedy single-drop | "
+           "random mean (min-max, n) | random sets below BP |", "|---|---|---|---|---|---|---|---|---|"]
+  for name, res in sorted(out.get("searches", {}).items()):
+    for weights in ("search", "dense"):
+      a = res[weights]
+      rnd = np.array([v for k, v in a.items() if k.startswith("random_seed")])
+      lines.append(f"| {name} | {res['blocks_removed']} | {weights if weights == 'dense' else 'its search'} | "
+                   f"{100 * a['none']:.2f} | {100 * a['bp']:.2f} | {100 * a['last']:.2f} | "
+                   f"{100 * a['greedy_single_drop']:.2f} | {100 * rnd.mean():.2f} ({100 * rnd.min():.2f}-"
+                   f"{100 * rnd.max():.2f}, {len(rnd)}) | {int((rnd < a['bp']).sum())} of {len(rnd)} |")
+  drop = out.get("single_drop", {})
+  if drop:
+    lines += ["", "Single-block drop at the dense weights (accuracy points lost when the block alone is removed): "
+              + ", ".join(f"{b} {100 * d:.2f}" for b, d in sorted(drop.items(), key=lambda kv: kv[1]))]
+  return "\n".join(lines)
 
 
 # -- the rows ----------------------------------------------------------------------------------
@@ -323,7 +484,7 @@ COLUMNS = ("name", "method", "gamma", "seed", "blocks_removed", "pruned_blocks",
 def collect(workdir):
   log = _load_log(workdir)
   lat_path = os.path.join(workdir, "latency.json")
-  lat = json.load(open(lat_path))["networks"] if os.path.exists(lat_path) else {}
+  lat = (_read_json(lat_path) or {}).get("networks", {})
   dense = _summary(workdir, "dense")
   rows = []
   for name in sorted(os.listdir(os.path.join(workdir, "runs"))):
@@ -376,7 +537,8 @@ def unsettled_blocks(hist, tail=0.25):
 def _save(plt, fig, ax, xlabel, ylabel, path):
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
-  ax.legend(fontsize=8)
+  if ax.get_legend_handles_labels()[1]:  # a report before any row has none
+    ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -424,10 +586,12 @@ def report(workdir, out=OUT):
     w.writeheader()
     for r in rows:
       w.writerow({k: r.get(k, "") for k in COLUMNS})
+  abl_path = os.path.join(workdir, ABLATION)
+  abl = _read_json(abl_path)
   with open(os.path.join(out, "results.md"), "w") as f:
     f.write("\n".join(lines) + "\n\nwall: the row's commands from start to end over every attempt (data, compile, "
             "evaluation, materializing); training: its training loop's epoch seconds (metrics.jsonl).\n\n"
-            + "\n".join(gates) + "\n")
+            + "\n".join(gates) + "\n" + (f"\n## Block choice alone (ablate)\n\n{ablation_table(abl)}\n" if abl else ""))
   print("\n".join(lines))
 
   # accuracy vs blocks removed: BP vs random (mean, min-max over seeds) vs heuristic
@@ -478,22 +642,50 @@ def report(workdir, out=OUT):
     fig.tight_layout()
     fig.savefig(os.path.join(out, "gates.png"), dpi=110)
     plt.close(fig)
-  for name in ("protocol.json", "calibration.json", "latency.json"):
+  if abl and abl.get("searches"):
+    plot_ablation(plt, abl, os.path.join(out, "ablation.png"))
+  for name in ("protocol.json", "calibration.json", "latency.json", ABLATION):
     path = os.path.join(workdir, name)
     if os.path.exists(path):
-      with open(path) as f, open(os.path.join(out, name), "w") as g:
+      with open(path) as f, open(os.path.join(out, os.path.basename(name)), "w") as g:
         g.write(f.read())
   return rows
 
 
+def plot_ablation(plt, abl, path):
+  """Per search: the accuracy of BP's removal, the heuristics' and the random draws' (no fine-tune)."""
+  names = sorted(abl["searches"])
+  fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharey=True)
+  for ax, weights, title in zip(axes, ("search", "dense"), ("at the search's weights", "at the dense weights")):
+    for i, name in enumerate(names):
+      a = abl["searches"][name][weights]
+      rnd = [100 * v for k, v in a.items() if k.startswith("random_seed")]
+      ax.plot([i] * len(rnd), rnd, "^", color="0.6", ls="none", label="random" if i == 0 else None)
+      for key, m, c, label in (("bp", "o", "C3", "BP"), ("last", "s", "C0", "last blocks"),
+                               ("greedy_single_drop", "D", "C2", "greedy single-drop"), ("none", "_", "k", "none removed")):
+        ax.plot([i + 0.15], [100 * a[key]], m, color=c, ms=14 if key == "none" else 7, ls="none",
+                label=label if i == 0 else None)
+    ax.set_xticks(range(len(names)), [f"{n}\n{abl['searches'][n]['blocks_removed']} removed" for n in names], fontsize=7)
+    ax.set_xlim(-0.5, len(names) - 0.3)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel("test accuracy %, BN re-estimated, no fine-tune")
+  axes[1].legend(fontsize=7, loc="best")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("command", choices=("calibrate", "run", "measure", "report"))
+  ap.add_argument("command", choices=("calibrate", "run", "measure", "ablate", "report"))
   ap.add_argument("--workdir", default="runs/bp_protocol")
   ap.add_argument("--data", default=None)
   ap.add_argument("--gammas", default="", help="comma-separated search gammas, or 'auto' for the ones calibrate "
                   "suggests (remembered in protocol.json)")
   ap.add_argument("--out", default=OUT)
+  ap.add_argument("--test-per-class", type=int, default=500, help="ablate: test images per class")
+  ap.add_argument("--random-sets", type=int, default=10, help="ablate: random removals per search")
   ap.add_argument("--config", default=None, help=f"another base config than {CONFIG} (a dry run)")
   ap.add_argument("--set", action="append", default=[], help="KEY=VALUE override for every row (a dry run)")
   a = ap.parse_args()
@@ -508,13 +700,17 @@ def main():
 
   gammas = a.gammas.strip() if a.gammas.strip() == "auto" else [float(g) for g in a.gammas.split(",") if g.strip()]
   try:
-    # one writer per work directory (protocol.json, calibration.json, latency.json)
-    with hold_run_directory(a.workdir, then="run the same command again"
+    # one writer per work directory (protocol.json, calibration.json, latency.json); ablate writes
+    # only its own folder, so it can run beside a run
+    lock_dir = os.path.join(a.workdir, os.path.dirname(ABLATION)) if a.command == "ablate" else a.workdir
+    with hold_run_directory(lock_dir, then="run the same command again"
                             + (" (finished rows are kept)" if a.command == "run" else "")):
       if a.command == "calibrate":
         calibrate(a.workdir, a.data)
       elif a.command == "measure":
         measure(a.workdir)
+      elif a.command == "ablate":
+        ablate(a.workdir, a.data, a.test_per_class, a.random_sets)
       else:
         run(a.workdir, gammas, a.data, a.config, a.set, a.out)
   except RunDirectoryInUse as e:

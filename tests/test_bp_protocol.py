@@ -2,6 +2,7 @@
 its end (the issue asks whether the decisions had settled)."""
 
 import importlib.util
+import json
 import os
 
 from tests.conftest import REPO_ROOT
@@ -47,3 +48,31 @@ def test_each_search_is_followed_by_its_controls(tmp_path, monkeypatch):
                   "bp_gamma0.2", "random_after_bp_gamma0.2", *controls(8),
                   "bp_gamma0.3", "random_after_bp_gamma0.3", "bp_gamma0.4",
                   "cp", "bpcp", "measure", "report"])
+
+
+def test_greedy_set_takes_the_cheapest_blocks_but_never_a_whole_stage():
+  blocks = ["s0_b0", "s0_b1", "s1_b0", "s1_b1", "s1_b2"]
+  stages = {"s0_b0": 0, "s0_b1": 0, "s1_b0": 1, "s1_b1": 1, "s1_b2": 1}
+  drop = {"s0_b0": 0.01, "s0_b1": 0.02, "s1_b0": 0.5, "s1_b1": 0.03, "s1_b2": 0.04}
+  greedy = _protocol()._greedy_set
+  assert greedy(blocks, stages, drop, 2) == ["s0_b0", "s0_b1"][:1] + ["s1_b1"]
+  assert greedy(blocks, stages, drop, 3) == ["s0_b0", "s1_b1", "s1_b2"]
+
+
+def test_report_shows_the_ablation(tmp_path):
+  """results.md gets the no-fine-tune table of ablate (BP against the controls, random sets below
+  BP counted) and ablation.png is drawn."""
+  protocol = _protocol()
+  work, out = tmp_path / "work", tmp_path / "out"
+  (work / "runs").mkdir(parents=True)
+  (work / "ablation").mkdir()
+  accs = {"none": 0.8, "bp": 0.7, "last": 0.6, "greedy_single_drop": 0.72, **{f"random_seed{i}": 0.5 + 0.05 * i
+                                                                                for i in range(4)}}
+  abl = {"test_images": 5000, "bn_images": 5120, "bn": "augmented", "accuracy": {}, "single_drop": {"a": 0.01, "b": 0.2},
+         "searches": {"bp_gamma0.2": {"blocks_removed": 8, "sets": {}, "search": accs, "dense": accs}}}
+  (work / "ablation" / "ablation.json").write_text(json.dumps(abl))
+  protocol.report(str(work), str(out))
+  md = (out / "results.md").read_text()
+  assert "| bp_gamma0.2 | 8 | its search | 80.00 | 70.00 | 60.00 | 72.00 | 57.50 (50.00-65.00, 4) | 4 of 4 |" in md
+  assert "a 1.00, b 20.00" in md
+  assert (out / "ablation.png").stat().st_size > 0 and (out / "ablation.json").exists()
