@@ -377,10 +377,9 @@ def _json_safe(obj):
 
 
 def _write_json(path: str, obj) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(_json_safe(obj), f, indent=2, sort_keys=True, allow_nan=False)
-  os.replace(tmp, path)
+  from bpcp_jax.training import files
+
+  files.write_json(path, _json_safe(obj), allow_nan=False)
 
 
 def _read_jsonl(path: str) -> list[dict]:
@@ -702,7 +701,7 @@ def results_markdown(record: dict, metrics: list[dict]) -> str:
     removed = sorted(k for k, p in last.items() if p < 0.5)
     parts.append(f"\nBlock search: {len(last) - len(removed)} of {len(last)} blocks kept after "
                  f"{gates[-1]['epoch']} epoch(s); removed: {', '.join(removed) or 'none'}.\n")
-  parts.append("\n" + (f"![plots](plots.png)\n" if record["plots"] else
+  parts.append("\n" + ("![plots](plots.png)\n" if record["plots"] else
                        "Plots skipped: matplotlib is not installed.\n"))
   return "\n".join(parts) + "\n"
 

@@ -47,6 +47,10 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from bpcp_jax.training import files  # noqa: E402  (this checkout's package, installed or not)
+
 CONFIG = os.path.join("experiments", "configs", "bp_protocol.py")
 OUT = os.path.join(REPO, "experiments", "results", "bp_protocol")
 SEEDS = (0, 1, 2)
@@ -74,12 +78,10 @@ def _load_log(workdir):
 def _save_log(workdir, log):
   log["machine"] = {"platform": platform.platform(), "processor": _cpu_model(), "cpu_count": os.cpu_count(),
                     "python": platform.python_version()}
-  with open(os.path.join(workdir, "protocol.json"), "w") as f:
-    json.dump(log, f, indent=2, sort_keys=True)
+  files.write_json(os.path.join(workdir, "protocol.json"), log)
 
 
 def _cpu_model():
-  sys.path.insert(0, REPO)
   from bpcp_jax.run.host import cpu_fields
 
   return cpu_fields().get("model name") or platform.processor()
@@ -140,7 +142,6 @@ def calibrate(workdir, data=None, batches=40, batch_size=128):
   and the block is removed (p < 0.5) when b_i < gamma / 2. The gammas that remove k blocks are
   therefore about twice the k-th smallest benefits.
   """
-  sys.path.insert(0, REPO)
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -236,7 +237,6 @@ def ablate(workdir, data=None, test_per_class=500, random_sets=10, bn_batches=40
   removal costs ``bn_batches`` training-mode passes and one pass over ``test_per_class`` x classes
   test images; results are kept in ablation/ablation.json and re-running evaluates only what is new.
   """
-  sys.path.insert(0, REPO)
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -290,9 +290,7 @@ def ablate(workdir, data=None, test_per_class=500, random_sets=10, bn_batches=40
       hits = sum(int(correct(variables, test.images[i:i + 500], test.labels[i:i + 500], gates))
                  for i in range(0, len(test.labels), 500))
       out["accuracy"][key] = hits / len(test.labels)
-      with open(path + ".tmp", "w") as f:
-        json.dump(out, f, indent=1, sort_keys=True)
-      os.replace(path + ".tmp", path)
+      files.write_json(path, out, indent=1)
       print(f"[ablate] {weights} weights, removed {len(removed)} ({', '.join(sorted(removed)) or 'none'}): "
             f"{100 * out['accuracy'][key]:.2f}%", flush=True)
     return out["accuracy"][key]
@@ -321,9 +319,7 @@ def ablate(workdir, data=None, test_per_class=500, random_sets=10, bn_batches=40
       res["dense"][label] = accuracy("dense", dense_vars, removed)
       res["search"][label] = accuracy(name, search_vars, removed)
     out["searches"][name] = res
-  with open(path + ".tmp", "w") as f:
-    json.dump(out, f, indent=1, sort_keys=True)
-  os.replace(path + ".tmp", path)
+  files.write_json(path, out, indent=1)
   print(ablation_table(out))
   return out
 
@@ -450,7 +446,6 @@ def _final_checkpoint(workdir, name):
 def measure(workdir, repeats=5):
   """Batch-1 and batch-128 latency of every finished row's network beside the dense one, in
   interleaved rounds in this one process (medians)."""
-  sys.path.insert(0, REPO)
   import numpy as np
 
   import absl.logging
@@ -695,7 +690,6 @@ def main():
   if a.command == "report":  # reads the work directory only: a partial report while a run goes on
     report(a.workdir, a.out)
     return
-  sys.path.insert(0, REPO)
   from bpcp_jax.run.lock import RunDirectoryInUse, hold_run_directory
 
   gammas = a.gammas.strip() if a.gammas.strip() == "auto" else [float(g) for g in a.gammas.split(",") if g.strip()]

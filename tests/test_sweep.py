@@ -155,7 +155,7 @@ def test_results_are_replaced_whole(tmp_path, monkeypatch):
   with pytest.raises(OSError, match="No space left"):
     sweep.write_results(str(tmp_path), rows[:2])
   assert _read(written["csv"]) == before
-  assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
+  assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
 
 def _cli(args, timeout=900):

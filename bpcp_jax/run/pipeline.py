@@ -39,7 +39,7 @@ from bpcp_jax.pruning.network import PrunableNetwork, network_from_description
 from bpcp_jax.run.config import (RESUME_FREE_KEYS, STAGES, ConfigError, check_config, config_differences,
                                  stage_list)
 from bpcp_jax.run.lock import hold_run_directory
-from bpcp_jax.training import data, parallel, steps
+from bpcp_jax.training import data, files, parallel, steps
 from bpcp_jax.training.checkpoint import (CheckpointError, CheckpointWarning, StageCheckpoints, network_meta,
                                           read_stage_checkpoint)
 from bpcp_jax.training.loop import MetricsLog, StageRun, evaluate, train_stage
@@ -505,9 +505,7 @@ def _speed_report(p, selection) -> str:
 def _write_json(path: str, obj) -> None:
   """Written whole or not at all (a kill mid-write must not leave a half file that blocks --resume)."""
   if jax.process_index() == 0:
-    with open(path + ".tmp", "w") as f:
-      json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    files.write_json(path, obj)
 
 
 def _final_label(start: StageOutput, final: StageOutput, last_stage: str) -> str:

@@ -35,6 +35,7 @@ import traceback
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from bpcp_jax.run.config import call_python_file
+from bpcp_jax.training import files
 
 SWEEP_KEYS = ("base", "grid", "runs", "overrides")
 MANIFEST = "sweep.json"
@@ -330,18 +331,6 @@ def swept_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
   return [c for c in result_columns(rows) if "." in c]
 
 
-def _replace_with(path: str, write: Callable[[str], None]) -> None:
-  """``write(tmp)`` then rename over ``path``: a reader (or a second sweep process writing the same
-  results) never sees a half-written file."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
 def write_results(sweep_dir: str, rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
   """Write ``results.csv``, ``results.md`` and the plots (each replaced whole); returns {what: path}
   of every file written."""
@@ -356,7 +345,7 @@ def write_results(sweep_dir: str, rows: Sequence[Mapping[str, Any]]) -> dict[str
         w.writerow({c: "" if r.get(c) is None else r.get(c) for c in columns})
 
   written["csv"] = os.path.join(sweep_dir, "results.csv")
-  _replace_with(written["csv"], write_csv)
+  files.replace_file(written["csv"], write_csv)
   plots = {}
   if _done(rows):
     plots["pareto"] = plot_pareto(rows)
@@ -367,7 +356,7 @@ def write_results(sweep_dir: str, rows: Sequence[Mapping[str, Any]]) -> dict[str
     if fig is None:
       continue
     written[name] = os.path.join(sweep_dir, f"{name}.png")
-    _replace_with(written[name], lambda tmp, fig=fig: fig.savefig(tmp, dpi=110, format="png"))
+    files.replace_file(written[name], lambda tmp, fig=fig: fig.savefig(tmp, dpi=110, format="png"))
   md = results_markdown(rows, os.path.basename(os.path.abspath(sweep_dir)),
                         images=[f"{n}.png" for n in plots if plots[n] is not None])
   written["md"] = os.path.join(sweep_dir, "results.md")
@@ -376,7 +365,7 @@ def write_results(sweep_dir: str, rows: Sequence[Mapping[str, Any]]) -> dict[str
     with open(tmp, "w") as f:
       f.write(md)
 
-  _replace_with(written["md"], write_md)
+  files.replace_file(written["md"], write_md)
   return written
 
 

@@ -25,13 +25,14 @@ import io
 import os
 import queue
 import tarfile
-import tempfile
 import threading
 from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from bpcp_jax.training import files
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
@@ -272,18 +273,13 @@ def _load_cache(cache_file: str) -> Split | None:
 
 def _save_cache(cache_file: str, split: Split) -> None:
   os.makedirs(os.path.dirname(cache_file), exist_ok=True)
-  # Write to a temporary file in the same directory, then rename: concurrent readers (or a
-  # crash mid-write) never see a half-written cache.
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cache_file), suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, images=split.images, labels=split.labels,
-               class_names=np.array(split.class_names, dtype=np.str_))
-    os.replace(tmp, cache_file)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  # concurrent readers (or a crash mid-write) never see a half-written cache
+
+  def write(tmp):
+    with open(tmp, "wb") as f:
+      np.savez(f, images=split.images, labels=split.labels, class_names=np.array(split.class_names, dtype=np.str_))
+
+  files.replace_file(cache_file, write)
 
 
 def _read_split(path: str, split: str, image_size: int, max_per_class: int | None,

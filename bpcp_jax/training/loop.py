@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from bpcp_jax.training import data, parallel
+from bpcp_jax.training import data, files, parallel
 from bpcp_jax.pruning.block_search import gate_probabilities
 from bpcp_jax.training.checkpoint import NonFiniteState, StageCheckpoints
 
@@ -116,11 +116,7 @@ class MetricsLog:
   def _write(self, records):
     if jax.process_index() != 0:
       return
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      for r in records:
-        f.write(json.dumps(r, sort_keys=True) + "\n")
-    os.replace(tmp, self.path)
+    files.write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
 
 class GateLog:
@@ -137,9 +133,7 @@ class GateLog:
     with open(self.path) as f:
       keep = [line for line in f if line.strip() and not (json.loads(line)["stage"] == stage
                                                             and json.loads(line)["step"] > step)]
-    with open(self.path + ".tmp", "w") as f:
-      f.writelines(keep)
-    os.replace(self.path + ".tmp", self.path)
+    files.write_text(self.path, "".join(keep))
 
   def append(self, stage: str, step: int, epoch: int, gates_r) -> None:
     if jax.process_index() != 0:
