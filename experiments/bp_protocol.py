@@ -194,8 +194,7 @@ def calibrate(workdir, data=None, batches=40, batch_size=128):
   for n in order:
     print(f"| {n} | {benefit[n]:.5f} | {out['stderr'][n]:.5f} |")
   print("suggested gammas (blocks removed: gamma):", out["suggested_gamma"])
-  with open(os.path.join(workdir, "calibration.json"), "w") as f:
-    json.dump(out, f, indent=2, sort_keys=True)
+  files.write_json(os.path.join(workdir, "calibration.json"), out)  # whole: report reads it without the lock
   return out
 
 
@@ -466,8 +465,7 @@ def measure(workdir, repeats=5):
   lat, thr = interleaved_inference(nets, x1, x128, repeats=repeats, calls=20, large_calls=3)
   out = {n: {"latency_ms_b1": 1e3 * median(lat[n]), "latency_ms_b1_all": [1e3 * v for v in lat[n]],
              "images_per_s_b128": median(thr[n]), "images_per_s_b128_all": thr[n]} for n in names}
-  with open(os.path.join(workdir, "latency.json"), "w") as f:
-    json.dump({"repeats": repeats, "networks": out}, f, indent=2, sort_keys=True)
+  files.write_json(os.path.join(workdir, "latency.json"), {"repeats": repeats, "networks": out})
   return out
 
 

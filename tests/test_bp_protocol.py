@@ -5,6 +5,8 @@ import importlib.util
 import json
 import os
 
+import pytest
+
 from tests.conftest import REPO_ROOT
 
 
@@ -76,3 +78,25 @@ def test_report_shows_the_ablation(tmp_path):
   assert "| bp_gamma0.2 | 8 | its search | 80.00 | 70.00 | 60.00 | 72.00 | 57.50 (50.00-65.00, 4) | 4 of 4 |" in md
   assert "a 1.00, b 20.00" in md
   assert (out / "ablation.png").stat().st_size > 0 and (out / "ablation.json").exists()
+
+
+def test_measure_replaces_latency_json_whole(tmp_path, monkeypatch):
+  """report reads latency.json without the lock, and a failed measure must not leave it torn."""
+  import numpy as np
+
+  import benchmarks.common
+  import bpcp_jax.training.checkpoint
+
+  protocol = _protocol()
+  (tmp_path / "runs" / "dense").mkdir(parents=True)
+  (tmp_path / "runs" / "dense" / "summary.json").write_text("{}")
+  before = {"repeats": 5, "networks": {"dense": {"latency_ms_b1": 1.0}}}
+  (tmp_path / "latency.json").write_text(json.dumps(before))
+  monkeypatch.setattr(bpcp_jax.training.checkpoint, "load_network", lambda path: (None, None))
+  # a throughput array JSON cannot hold: the dump fails after part of the file would be written
+  monkeypatch.setattr(benchmarks.common, "interleaved_inference",
+                      lambda nets, *a, **k: ({"dense": [1e-3]}, {"dense": np.array([1.0, 2.0])}))
+  with pytest.raises(TypeError):
+    protocol.measure(str(tmp_path))
+  assert json.loads((tmp_path / "latency.json").read_text()) == before
+  assert sorted(os.listdir(tmp_path)) == ["latency.json", "runs"]
