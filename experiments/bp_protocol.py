@@ -219,6 +219,24 @@ def _greedy_set(blocks, stages, drop, n):
   return removed
 
 
+def _removal_sets(network, variables, bp, drop, random_sets):
+  """{label: removed blocks}: BP's, and the controls' with as many blocks (at most all but one of each
+  stage, as ``run`` caps its control rows: BP may empty a stage, the controls never do)."""
+  from bpcp_jax.pruning.block_search import select_blocks
+
+  stage_blocks = [list(s) for s in network.block_stages() if s]
+  stages = {b: i for i, s in enumerate(stage_blocks) for b in s}
+  n = min(len(bp), sum(len(s) - 1 for s in stage_blocks))
+
+  def chosen(method, seed=0):
+    return [b for b, v in select_blocks(network, variables, method, n, seed=seed).items() if v < 0]
+
+  sets = {"bp": list(bp), "last": chosen("last"), "greedy_single_drop": _greedy_set(list(stages), stages, drop, n)}
+  for seed in range(random_sets):
+    sets[f"random_seed{seed}"] = chosen("random", seed)
+  return sets
+
+
 def ablate(workdir, data=None, test_per_class=500, random_sets=10, bn_batches=40):
   """Test accuracy with blocks removed and nothing fine-tuned: how good is a block choice by itself?
 
@@ -226,7 +244,9 @@ def ablate(workdir, data=None, test_per_class=500, random_sets=10, bn_batches=40
   BP search, the same number of blocks removed by BP, by the last-blocks heuristic, by the
   single-block drops (greedy: the n cheapest alone, never a whole stage), and by ``random_sets``
   random draws (``select_blocks``' rule, seeds 0..): at the dense weights (where the controls
-  start) and at the search's weights (trained under sampled gates, where BP chose).
+  start) and at the search's weights (trained under sampled gates, where BP chose). Where BP emptied
+  a stage of blocks and removed more than the controls can (each stage keeps one block), the
+  controls remove as many as they can, as ``run``'s control rows do (``controls_removed``).
 
   Before each evaluation the BN running statistics are re-estimated for the network with those
   blocks removed (``bn_batches`` x 128 training images augmented as in training, the same for every
@@ -240,7 +260,6 @@ def ablate(workdir, data=None, test_per_class=500, random_sets=10, bn_batches=40
   import jax.numpy as jnp
   import numpy as np
 
-  from bpcp_jax.pruning.block_search import select_blocks
   from bpcp_jax.run.config import apply_overrides, load_config_file
   from bpcp_jax.run.pipeline import load_data
   from bpcp_jax.training import data as bdata
@@ -264,7 +283,6 @@ def ablate(workdir, data=None, test_per_class=500, random_sets=10, bn_batches=40
     out = {"test_images": len(test.labels), "bn_images": bn_batches * 128, "bn": "augmented", "accuracy": {}}
   network, dense_vars, _ = load_stage(_ckpt(workdir, "dense", "pretrain"))
   blocks = list(network.block_names)
-  stages = {b: i for i, s in enumerate(network.block_stages()) for b in s}
 
   @jax.jit
   def recalibrate(variables, gates):
@@ -306,13 +324,10 @@ def ablate(workdir, data=None, test_per_class=500, random_sets=10, bn_batches=40
     n = len(bp)
     if not n:
       continue
-    sets = {"bp": bp, "last": [b for b, v in select_blocks(network, dense_vars, "last", n).items() if v < 0],
-            "greedy_single_drop": _greedy_set(blocks, stages, drop, n)}
-    for seed in range(random_sets):
-      sets[f"random_seed{seed}"] = [b for b, v in select_blocks(network, dense_vars, "random", n, seed=seed).items()
-                                    if v < 0]
+    sets = _removal_sets(network, dense_vars, bp, drop, random_sets)
     _, search_vars, _ = load_stage(_ckpt(workdir, name, "search"))
-    res = {"blocks_removed": n, "sets": sets, "dense": {}, "search": {"none": accuracy(name, search_vars, [])}}
+    res = {"blocks_removed": n, "controls_removed": len(sets["last"]), "sets": sets, "dense": {},
+           "search": {"none": accuracy(name, search_vars, [])}}
     res["dense"]["none"] = base
     for label, removed in sets.items():
       res["dense"][label] = accuracy("dense", dense_vars, removed)
@@ -335,10 +350,13 @@ def ablation_table(out):
     for weights in ("search", "dense"):
       a = res[weights]
       rnd = np.array([v for k, v in a.items() if k.startswith("random_seed")])
-      lines.append(f"| {name} | {res['blocks_removed']} | {weights if weights == 'dense' else 'its search'} | "
+      n, m = res["blocks_removed"], res.get("controls_removed", res["blocks_removed"])
+      random = (f"{100 * rnd.mean():.2f} ({100 * rnd.min():.2f}-{100 * rnd.max():.2f}, {len(rnd)}) | "
+                f"{int((rnd < a['bp']).sum())} of {len(rnd)}") if len(rnd) else "- | -"  # ablate --random-sets 0
+      lines.append(f"| {name} | {n if m == n else f'{n} (controls {m})'} | "
+                   f"{weights if weights == 'dense' else 'its search'} | "
                    f"{100 * a['none']:.2f} | {100 * a['bp']:.2f} | {100 * a['last']:.2f} | "
-                   f"{100 * a['greedy_single_drop']:.2f} | {100 * rnd.mean():.2f} ({100 * rnd.min():.2f}-"
-                   f"{100 * rnd.max():.2f}, {len(rnd)}) | {int((rnd < a['bp']).sum())} of {len(rnd)} |")
+                   f"{100 * a['greedy_single_drop']:.2f} | {random} |")
   drop = out.get("single_drop", {})
   if drop:
     lines += ["", "Single-block drop at the dense weights (accuracy points lost when the block alone is removed): "

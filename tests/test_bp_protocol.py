@@ -100,3 +100,38 @@ def test_measure_replaces_latency_json_whole(tmp_path, monkeypatch):
     protocol.measure(str(tmp_path))
   assert json.loads((tmp_path / "latency.json").read_text()) == before
   assert sorted(os.listdir(tmp_path)) == ["latency.json", "runs"]
+
+
+class _Stages:
+  def __init__(self, stages):
+    self.stages = stages
+
+  def block_stages(self):
+    return self.stages
+
+
+def test_ablation_controls_follow_select_blocks_and_never_empty_a_stage():
+  """BP may empty a stage; the controls then remove as many blocks as they can (as run's rows do)
+  instead of select_blocks refusing, which ended ablate before the later searches."""
+  from bpcp_jax.pruning.block_search import select_blocks
+
+  protocol = _protocol()
+  network = _Stages([("a0", "a1"), ("b0", "b1", "b2")])
+  drop = {"a0": 0.3, "a1": 0.1, "b0": 0.2, "b1": 0.05, "b2": 0.4}
+  for bp, n in ((["a0", "a1", "b0", "b1"], 3), (["a0", "b2"], 2)):
+    sets = protocol._removal_sets(network, {}, bp, drop, 4)
+    assert sets["bp"] == bp and sorted(sets) == ["bp", "greedy_single_drop", "last"] + [f"random_seed{s}" for s in range(4)]
+    for label, removed in sets.items():
+      if label != "bp":
+        assert len(set(removed)) == n and {"a0", "a1"} - set(removed) and {"b0", "b1", "b2"} - set(removed), label
+    for s in range(4):
+      assert sets[f"random_seed{s}"] == [b for b, v in select_blocks(network, {}, "random", n, seed=s).items() if v < 0]
+  assert sorted(protocol._removal_sets(network, {}, ["a0", "b2"], drop, 0)["greedy_single_drop"]) == ["a1", "b1"]
+
+
+def test_ablation_table_without_random_sets_or_with_capped_controls():
+  accs = {"none": 0.8, "bp": 0.7, "last": 0.6, "greedy_single_drop": 0.72}
+  abl = {"test_images": 50, "bn_images": 128, "single_drop": {},
+         "searches": {"bp_gamma1": {"blocks_removed": 4, "controls_removed": 3, "search": accs, "dense": accs}}}
+  table = _protocol().ablation_table(abl)
+  assert "| bp_gamma1 | 4 (controls 3) | its search | 80.00 | 70.00 | 60.00 | 72.00 | - | - |" in table
