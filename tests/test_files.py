@@ -37,3 +37,25 @@ def test_write_text_and_json_replace_the_whole_file_with_plain_permissions(tmp_p
   plain = tmp_path / "plain"
   plain.write_text("x")
   assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o666 & ~umask
+
+
+def test_writers_with_the_same_process_and_thread_id_never_share_a_temporary(tmp_path, monkeypatch):
+  """Two hosts (or containers) writing one shared file can have the same pid and thread id: the
+  second writer, finishing while the first is half way, must not tear or steal the first's file."""
+  import threading
+
+  monkeypatch.setattr(os, "getpid", lambda: 7)
+  monkeypatch.setattr(threading, "get_ident", lambda: 1)
+  path = str(tmp_path / "cache.json")
+
+  def first(tmp):
+    with open(tmp, "w") as f:
+      f.write('{"writer": ')
+      f.flush()
+      files.write_json(path, {"writer": "second"})  # the other host, in the meantime
+      f.write('"first"}')
+
+  files.replace_file(path, first)
+  with open(path) as f:
+    assert json.load(f) == {"writer": "first"}
+  assert os.listdir(tmp_path) == ["cache.json"]

@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from typing import Any, Callable
 
 
 def replace_file(path: str, write: Callable[[str], None]) -> None:
   """``write(tmp)`` fills a temporary path beside ``path``, which then replaces ``path`` whole.
 
-  The temporary name carries the process and thread, so concurrent writers never share one; it is
-  removed when ``write`` (or the rename) raises, and the exception propagates with ``path``
-  untouched. The new file gets the usual permissions (umask), as a plain ``open`` would.
+  The temporary name carries the process id and a random part, so concurrent writers never share
+  one, not even processes with the same id on two hosts or containers sharing the directory (a
+  data cache in a shared home); it is removed when ``write`` (or the rename) raises, and the
+  exception propagates with ``path`` untouched. The new file gets the usual permissions (umask),
+  as a plain ``open`` would.
   """
-  tmp = f"{path}.{os.getpid()}-{threading.get_ident()}.tmp"
+  tmp = f"{path}.{os.getpid()}-{os.urandom(6).hex()}.tmp"
   try:
     write(tmp)
     os.replace(tmp, path)
