@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import platform
@@ -55,6 +56,7 @@ CONFIG = os.path.join("experiments", "configs", "bp_protocol.py")
 OUT = os.path.join(REPO, "experiments", "results", "bp_protocol")
 SEEDS = (0, 1, 2)
 MACS_KEPT = 0.2  # BPCP and CP: 20% of the dense MACs (the paper: -80.3%)
+SAVE_EVERY_S = 60.0  # a running row's wall time is saved this often
 
 
 # -- bookkeeping -------------------------------------------------------------------------------
@@ -113,12 +115,26 @@ def run_row(workdir, log, name, args, data=None, meta=None):
   print("$ " + " ".join(cmd), flush=True)
   row = log["rows"].setdefault(name, {"command": " ".join(c for c in cmd if c != "--resume"), "seconds": 0.0})
   row.update(meta or {})
-  t0 = time.time()
+  # an interrupted attempt's time counts too (its resume continues from its checkpoints): the time is
+  # saved every minute while the row runs, so even a kill -9 of this process loses at most a minute
+  start, t0 = row["seconds"], time.time()
+  proc = subprocess.Popen(cmd, cwd=REPO)
   try:
-    subprocess.run(cmd, check=True, cwd=REPO)
-  finally:  # an interrupted attempt's time counts too (its resume continues from its checkpoints)
-    row["seconds"] += time.time() - t0
+    while True:
+      try:
+        proc.wait(timeout=SAVE_EVERY_S)
+        break
+      except subprocess.TimeoutExpired:
+        row["seconds"] = start + time.time() - t0
+        _save_log(workdir, log)
+  finally:
+    if proc.poll() is None:  # this process is unwinding (Ctrl-C, SIGTERM): the row stops with it
+      proc.terminate()
+      proc.wait()
+    row["seconds"] = start + time.time() - t0
     _save_log(workdir, log)
+  if proc.returncode:
+    raise subprocess.CalledProcessError(proc.returncode, cmd)
   return _summary(workdir, name)
 
 
@@ -592,17 +608,18 @@ def report(workdir, out=OUT):
                      + ", ".join(f"{k} {v:.3f}" for k, v in sorted(last.items()))
                      + f"; smallest margin |p - 0.5| = {margins[0]:.3f}; {settled}")
         r["unsettled_blocks"] = len(flips)
-  with open(os.path.join(out, "results.csv"), "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=COLUMNS)
-    w.writeheader()
-    for r in rows:
-      w.writerow({k: r.get(k, "") for k in COLUMNS})
+  table = io.StringIO()
+  w = csv.DictWriter(table, fieldnames=COLUMNS)
+  w.writeheader()
+  for r in rows:
+    w.writerow({k: r.get(k, "") for k in COLUMNS})
+  files.write_text(os.path.join(out, "results.csv"), table.getvalue())
   abl_path = os.path.join(workdir, ABLATION)
   abl = _read_json(abl_path)
-  with open(os.path.join(out, "results.md"), "w") as f:
-    f.write("\n".join(lines) + "\n\nwall: the row's commands from start to end over every attempt (data, compile, "
-            "evaluation, materializing); training: its training loop's epoch seconds (metrics.jsonl).\n\n"
-            + "\n".join(gates) + "\n" + (f"\n## Block choice alone (ablate)\n\n{ablation_table(abl)}\n" if abl else ""))
+  files.write_text(os.path.join(out, "results.md"), "\n".join(lines) + "\n\nwall: the row's commands from start to end "
+                   "over every attempt (data, compile, evaluation, materializing); training: its training loop's "
+                   "epoch seconds (metrics.jsonl).\n\n" + "\n".join(gates) + "\n"
+                   + (f"\n## Block choice alone (ablate)\n\n{ablation_table(abl)}\n" if abl else ""))
   print("\n".join(lines))
 
   # accuracy vs blocks removed: BP vs random (mean, min-max over seeds) vs heuristic
@@ -658,8 +675,8 @@ def report(workdir, out=OUT):
   for name in ("protocol.json", "calibration.json", "latency.json", ABLATION):
     path = os.path.join(workdir, name)
     if os.path.exists(path):
-      with open(path) as f, open(os.path.join(out, os.path.basename(name)), "w") as g:
-        g.write(f.read())
+      with open(path) as f:
+        files.write_text(os.path.join(out, os.path.basename(name)), f.read())
   return rows
 
 

@@ -1,5 +1,5 @@
-"""experiments/bp_protocol.py's verdict on a block search: which decisions were still changing at
-its end (the issue asks whether the decisions had settled)."""
+"""experiments/bp_protocol.py: its verdict on a block search (which decisions were still changing at
+its end), the order of its rows, the ablation's sets and table, and the wall time it records."""
 
 import importlib.util
 import json
@@ -135,3 +135,35 @@ def test_ablation_table_without_random_sets_or_with_capped_controls():
          "searches": {"bp_gamma1": {"blocks_removed": 4, "controls_removed": 3, "search": accs, "dense": accs}}}
   table = _protocol().ablation_table(abl)
   assert "| bp_gamma1 | 4 (controls 3) | its search | 80.00 | 70.00 | 60.00 | 72.00 | - | - |" in table
+
+
+def test_a_rows_wall_time_is_saved_while_it_runs(tmp_path, monkeypatch):
+  """protocol.json gets the running row's time every SAVE_EVERY_S, so killing the protocol (kill -9,
+  a session's end) loses at most that much; a failed row raises with its time recorded."""
+  import subprocess
+  import sys
+
+  protocol = _protocol()
+  monkeypatch.setattr(protocol, "SAVE_EVERY_S", 0.2)
+  real_popen = subprocess.Popen
+  seen = []
+
+  def fake_popen(cmd, **kwargs):  # the row's command replaced by a 1.5 s sleep that exits with `code`
+    if cmd[0] != "bpcp-jax":  # (subprocess is one module: other callers go through)
+      return real_popen(cmd, **kwargs)
+    seen.append(cmd)
+    return real_popen([sys.executable, "-c", f"import time, sys; time.sleep(1.5); sys.exit({code})"])
+
+  monkeypatch.setattr(protocol.subprocess, "Popen", fake_popen)
+  log = {"rows": {}}
+  code = 0
+  saved = []
+  real_save = protocol._save_log
+  monkeypatch.setattr(protocol, "_save_log", lambda w, l: (saved.append(l["rows"]["r"]["seconds"]), real_save(w, l)))
+  assert protocol.run_row(str(tmp_path), log, "r", ["pipeline", "--from", "x"]) is None  # no summary.json: None
+  assert seen[0][:2] == ["bpcp-jax", "pipeline"] and "--no-progress" in seen[0]
+  assert len(saved) >= 4 and 0 < saved[0] < saved[-2] < 1.5 <= saved[-1] < 10  # during the row, then at its end
+  code = 3
+  with pytest.raises(subprocess.CalledProcessError):
+    protocol.run_row(str(tmp_path), log, "r", ["pipeline"])
+  assert json.loads((tmp_path / "protocol.json").read_text())["rows"]["r"]["seconds"] >= 3.0  # both attempts
