@@ -624,9 +624,10 @@ def report(workdir, out=OUT):
 
   # accuracy vs blocks removed: BP vs random (mean, min-max over seeds) vs heuristic
   fig, ax = plt.subplots(figsize=(6.5, 4.2))
-  for method, style, label in (("bp", "o-", "BP search"), ("last", "s--", "last blocks of each stage"),
-                               ("random_after_search", "v", "random blocks, BP's searched weights")):
-    pts = sorted((r["blocks_removed"], 100 * r["pruned_accuracy"]) for r in rows if r["method"] == method)
+  # the methods side by side at each number of blocks (dodged by `dx`), so equal x never hide each other
+  for method, style, dx, label in (("bp", "o-", -0.15, "BP search"), ("last", "s--", 0.15, "last blocks of each stage"),
+                                   ("random_after_search", "v", -0.05, "random blocks, BP's searched weights")):
+    pts = sorted((r["blocks_removed"] + dx, 100 * r["pruned_accuracy"]) for r in rows if r["method"] == method)
     if pts:
       ax.plot(*zip(*pts), style, label=label)
   rnd = {}
@@ -637,7 +638,12 @@ def report(workdir, out=OUT):
     ns = sorted(rnd)
     means = np.array([np.mean(rnd[n]) for n in ns])
     err = np.array([[means[i] - min(rnd[n]), max(rnd[n]) - means[i]] for i, n in enumerate(ns)]).T
-    ax.errorbar(ns, means, yerr=err, fmt="^:", capsize=4, label=f"random blocks (mean, min-max of {len(SEEDS)} seeds)")
+    seeds = sorted({len(v) for v in rnd.values()})
+    ax.errorbar(np.array(ns) + 0.05, means, yerr=err, fmt="^:", capsize=4,
+                label=f"random blocks (mean, min-max of {'/'.join(map(str, seeds))} seeds)")
+  ns = sorted({r["blocks_removed"] for r in rows if r["method"] in ("bp", "last", "random", "random_after_search")})
+  if ns:
+    ax.set_xticks(ns)
   dense = [r for r in rows if r["name"] == "dense"]
   if dense:
     ax.axhline(100 * dense[0]["pruned_accuracy"], color="k", lw=0.8, ls=":", label="dense")
