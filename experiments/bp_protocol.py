@@ -354,8 +354,31 @@ def ablate(workdir, data=None, test_per_class=500, random_sets=10, bn_batches=40
   return out
 
 
-def ablation_table(out):
-  """Markdown: per search, BP's removal against the controls' without fine-tuning."""
+def _ranks(values):
+  """Ranks 0..n-1 (ties get their mean rank), for Spearman's rank correlation."""
+  import numpy as np
+
+  v = np.asarray(values, dtype=float)
+  order = np.argsort(v, kind="stable")
+  ranks = np.empty(len(v))
+  ranks[order] = np.arange(len(v))
+  for x in np.unique(v):
+    ranks[v == x] = ranks[v == x].mean()
+  return ranks
+
+
+def spearman(a, b):
+  """Spearman's rank correlation of two equally long sequences."""
+  import numpy as np
+
+  return float(np.corrcoef(_ranks(a), _ranks(b))[0, 1])
+
+
+def ablation_table(out, final_probs=None, benefit=None):
+  """Markdown: per search, BP's removal against the controls' without fine-tuning; with
+  ``final_probs`` ({search: {block: keep probability at its end}}) and ``benefit`` (calibrate's
+  {block: -E[dL/dg]} at the dense weights), how well each ranks the blocks by their single-block
+  drops (Spearman)."""
   import numpy as np
 
   lines = [f"Test accuracy (%) with the blocks removed and nothing fine-tuned but the BN statistics "
@@ -377,6 +400,13 @@ def ablation_table(out):
   if drop:
     lines += ["", "Single-block drop at the dense weights (accuracy points lost when the block alone is removed): "
               + ", ".join(f"{b} {100 * d:.2f}" for b, d in sorted(drop.items(), key=lambda kv: kv[1]))]
+    for name, probs in sorted({**({"calibrate's benefits": benefit} if benefit else {}), **(final_probs or {})}.items()):
+      blocks = sorted(set(probs) & set(drop))
+      if len(blocks) > 2:
+        what = name if name.startswith("calibrate") else f"{name}'s final keep probabilities"
+        lines.append(f"\nSpearman rank correlation of {what} with the single-block "
+                     f"drops: {spearman([probs[b] for b in blocks], [drop[b] for b in blocks]):.2f} "
+                     f"({len(blocks)} blocks; 1 = the blocks ranked exactly by their drops)")
   return "\n".join(lines)
 
 
@@ -592,12 +622,12 @@ def report(workdir, out=OUT):
                  f"{fmt(r.get('speedup_b1'), '.2f', 'x')} | {fmt(r.get('speedup_b128'), '.2f', 'x')} | "
                  f"{fmt(r['wall_s'] / 60 if r['wall_s'] else None, '.1f', ' min')} | {r['train_s'] / 60:.1f} min |")
   # gate probabilities of every BP search, epoch by epoch
-  gates = []
+  gates, final_probs = [], {}
   for r in rows:
     if r["method"] == "bp":
       hist = _gate_history(workdir, r["name"])
       if hist:
-        last = hist[-1]["gate_probs"]
+        last = final_probs[r["name"]] = hist[-1]["gate_probs"]
         margins = sorted(abs(p - 0.5) for p in last.values())
         flips = unsettled_blocks(hist)
         steps = [h.get("step", i + 1) for i, h in enumerate(hist)]
@@ -616,10 +646,11 @@ def report(workdir, out=OUT):
   files.write_text(os.path.join(out, "results.csv"), table.getvalue())
   abl_path = os.path.join(workdir, ABLATION)
   abl = _read_json(abl_path)
+  cal = (_read_json(os.path.join(workdir, "calibration.json")) or {}).get("benefit")
   files.write_text(os.path.join(out, "results.md"), "\n".join(lines) + "\n\nwall: the row's commands from start to end "
                    "over every attempt (data, compile, evaluation, materializing); training: its training loop's "
                    "epoch seconds (metrics.jsonl).\n\n" + "\n".join(gates) + "\n"
-                   + (f"\n## Block choice alone (ablate)\n\n{ablation_table(abl)}\n" if abl else ""))
+                   + (f"\n## Block choice alone (ablate)\n\n{ablation_table(abl, final_probs, cal)}\n" if abl else ""))
   print("\n".join(lines))
 
   # accuracy vs blocks removed: BP vs random (mean, min-max over seeds) vs heuristic
