@@ -7,7 +7,7 @@ same budget and evaluated on all 10,000 test images. Sized for a 2-core CPU over
 every run is resumable (checkpoints every 100 steps).
 
 Launch (all rows, resumable; writes experiments/results/bp_protocol/):
-  python experiments/bp_protocol.py --workdir runs/bp_protocol
+  python experiments/bp_protocol.py run --workdir runs/bp_protocol --gammas auto
 
 or the dense network alone:
   bpcp-jax train --config experiments/configs/bp_protocol.py --workdir runs/bp_protocol/runs/dense
