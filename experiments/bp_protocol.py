@@ -148,6 +148,18 @@ def _train_seconds(workdir, name):
     return sum(json.loads(x).get("epoch_seconds", 0.0) for x in f if x.strip())
 
 
+def _protocol_config(workdir):
+  """The rows' base config with the protocol's overrides (protocol.json), for the in-process steps;
+  orbax's read-only notices silenced (one pair per checkpoint read)."""
+  import absl.logging
+
+  from bpcp_jax.run.config import apply_overrides, load_config_file
+
+  absl.logging.set_verbosity("error")
+  log = _load_log(workdir)
+  return apply_overrides(load_config_file(os.path.join(REPO, log.get("config", CONFIG))), log.get("set", []))
+
+
 # -- calibrate -----------------------------------------------------------------------------------
 
 def calibrate(workdir, data=None, batches=40, batch_size=128):
@@ -168,18 +180,11 @@ def calibrate(workdir, data=None, batches=40, batch_size=128):
   import optax
 
   from bpcp_jax.pruning.block_search import sample_gates
-  from bpcp_jax.run.config import load_config_file
   from bpcp_jax.run.pipeline import load_data
   from bpcp_jax.training import data as bdata
   from bpcp_jax.training.checkpoint import load_stage
 
-  from bpcp_jax.run.config import apply_overrides
-
-  import absl.logging
-
-  absl.logging.set_verbosity("error")  # orbax's read-only notices
-  log = _load_log(workdir)
-  config = apply_overrides(load_config_file(os.path.join(REPO, log.get("config", CONFIG))), log.get("set", []))
+  config = _protocol_config(workdir)
   config.data.max_test_per_class = 1
   train, _ = load_data(config, data, progress=False)
   network, variables, _ = load_stage(_ckpt(workdir, "dense", "pretrain"))
@@ -280,16 +285,11 @@ def ablate(workdir, data=None, test_per_class=500, random_sets=10, bn_batches=40
   import jax.numpy as jnp
   import numpy as np
 
-  from bpcp_jax.run.config import apply_overrides, load_config_file
   from bpcp_jax.run.pipeline import load_data
   from bpcp_jax.training import data as bdata
   from bpcp_jax.training.checkpoint import load_stage
 
-  import absl.logging
-
-  absl.logging.set_verbosity("error")  # orbax's read-only notices
-  log = _load_log(workdir)
-  config = apply_overrides(load_config_file(os.path.join(REPO, log.get("config", CONFIG))), log.get("set", []))
+  config = _protocol_config(workdir)
   config.data.max_test_per_class = test_per_class
   train, test = load_data(config, data, progress=False)
   pick = np.random.default_rng(0).choice(len(train.labels), bn_batches * 128, replace=False)
@@ -298,6 +298,7 @@ def ablate(workdir, data=None, test_per_class=500, random_sets=10, bn_batches=40
   raw = jnp.asarray(train.images[pick].reshape(bn_batches, 128, *train.images.shape[1:]))
   bn_inputs = jax.vmap(bdata.augment)(jax.random.split(jax.random.PRNGKey(0), bn_batches), raw)
   path = os.path.join(workdir, ABLATION)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
   out = _read_json(path) or {}
   if (out.get("test_images"), out.get("bn_images"), out.get("bn")) != (len(test.labels), bn_batches * 128, "augmented"):
     out = {"test_images": len(test.labels), "bn_images": bn_batches * 128, "bn": "augmented", "accuracy": {}}
