@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import json
 import os
@@ -70,23 +71,21 @@ def _ckpt(workdir, name, stage):
 
 
 def _load_log(workdir):
-  path = os.path.join(workdir, "protocol.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
-  return {"rows": {}}
+  return _read_json(os.path.join(workdir, "protocol.json")) or {"rows": {}}
 
 
 def _save_log(workdir, log):
-  log["machine"] = {"platform": platform.platform(), "processor": _cpu_model(), "cpu_count": os.cpu_count(),
-                    "python": platform.python_version()}
+  log["machine"] = _machine()
   files.write_json(os.path.join(workdir, "protocol.json"), log)
 
 
-def _cpu_model():
+@functools.lru_cache(maxsize=None)
+def _machine():
+  """This machine, read once per process (the log is saved every minute while a row runs)."""
   from bpcp_jax.run.host import cpu_fields
 
-  return cpu_fields().get("model name") or platform.processor()
+  return {"platform": platform.platform(), "processor": cpu_fields().get("model name") or platform.processor(),
+          "cpu_count": os.cpu_count(), "python": platform.python_version()}
 
 
 def _read_json(path):

@@ -360,12 +360,7 @@ def write_results(sweep_dir: str, rows: Sequence[Mapping[str, Any]]) -> dict[str
   md = results_markdown(rows, os.path.basename(os.path.abspath(sweep_dir)),
                         images=[f"{n}.png" for n in plots if plots[n] is not None])
   written["md"] = os.path.join(sweep_dir, "results.md")
-
-  def write_md(tmp):
-    with open(tmp, "w") as f:
-      f.write(md)
-
-  files.replace_file(written["md"], write_md)
+  files.write_text(written["md"], md)
   return written
 
 
