@@ -184,9 +184,9 @@ def calibrate(workdir, data=None, batches=40, batch_size=128):
   from bpcp_jax.training.checkpoint import load_stage
 
   config = _protocol_config(workdir)
+  network, variables, _ = load_stage(_ckpt(workdir, "dense", "pretrain"))  # before the data: fails fast
   config.data.max_test_per_class = 1
   train, _ = load_data(config, data, progress=False)
-  network, variables, _ = load_stage(_ckpt(workdir, "dense", "pretrain"))
   names = network.block_names
 
   @jax.jit
@@ -289,6 +289,7 @@ def ablate(workdir, data=None, test_per_class=500, random_sets=10, bn_batches=40
   from bpcp_jax.training.checkpoint import load_stage
 
   config = _protocol_config(workdir)
+  network, dense_vars, _ = load_stage(_ckpt(workdir, "dense", "pretrain"))  # before the data: fails fast
   config.data.max_test_per_class = test_per_class
   train, test = load_data(config, data, progress=False)
   pick = np.random.default_rng(0).choice(len(train.labels), bn_batches * 128, replace=False)
@@ -301,7 +302,6 @@ def ablate(workdir, data=None, test_per_class=500, random_sets=10, bn_batches=40
   out = _read_json(path) or {}
   if (out.get("test_images"), out.get("bn_images"), out.get("bn")) != (len(test.labels), bn_batches * 128, "augmented"):
     out = {"test_images": len(test.labels), "bn_images": bn_batches * 128, "bn": "augmented", "accuracy": {}}
-  network, dense_vars, _ = load_stage(_ckpt(workdir, "dense", "pretrain"))
   blocks = list(network.block_names)
 
   @jax.jit
@@ -745,6 +745,22 @@ def plot_ablation(plt, abl, path):
   plt.close(fig)
 
 
+def check_workdir(workdir, command):
+  """What ``command`` needs in ``workdir`` before it starts, or SystemExit with one line naming the
+  missing folder: every command but ``run`` reads rows that ``run`` made, and calibrate and ablate
+  the dense row's checkpoint."""
+  start = f"start the protocol with `python experiments/bp_protocol.py run --workdir {workdir}`"
+  if command == "run":
+    return
+  runs = os.path.join(workdir, "runs")
+  if not os.path.isdir(runs):
+    raise SystemExit(f"bp_protocol {command}: {workdir} holds no protocol rows (no folder {runs}); {start}")
+  dense = _ckpt(workdir, "dense", "pretrain")
+  if command in ("calibrate", "ablate") and not os.path.isdir(dense):
+    raise SystemExit(f"bp_protocol {command}: the dense row has no pretrained checkpoint ({dense} is missing); "
+                     f"{start} (it trains the dense row first)")
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("command", choices=("calibrate", "run", "measure", "ablate", "report"))
@@ -760,11 +776,13 @@ def main():
   a = ap.parse_args()
   # a SIGTERM (a session ending) unwinds like Ctrl-C, so the time of an interrupted row is recorded
   signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+  check_workdir(a.workdir, a.command)
   os.makedirs(a.workdir, exist_ok=True)
   if a.command == "report":  # reads the work directory only: a partial report while a run goes on
     report(a.workdir, a.out)
     return
   from bpcp_jax.run.lock import RunDirectoryInUse, hold_run_directory
+  from bpcp_jax.training.checkpoint import CheckpointError
 
   gammas = a.gammas.strip() if a.gammas.strip() == "auto" else [float(g) for g in a.gammas.split(",") if g.strip()]
   try:
@@ -783,6 +801,8 @@ def main():
         run(a.workdir, gammas, a.data, a.config, a.set, a.out)
   except RunDirectoryInUse as e:
     raise SystemExit(f"bp_protocol: {e}") from None
+  except CheckpointError as e:  # a checkpoint cut or from another version: it names the folder
+    raise SystemExit(f"bp_protocol {a.command}: {e}") from None
 
 
 if __name__ == "__main__":

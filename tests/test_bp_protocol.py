@@ -176,3 +176,30 @@ def test_spearman_ranks_with_ties():
   assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
   # ties take their mean rank: ranks (0.5, 0.5, 2, 3) against (0, 1, 2, 3)
   assert spearman([5, 5, 7, 9], [1, 2, 3, 4]) == pytest.approx(0.9486833, abs=1e-6)
+
+
+@pytest.mark.parametrize("command", ["report", "measure", "calibrate", "ablate"])
+def test_commands_on_a_work_directory_without_rows_say_so_and_create_nothing(tmp_path, monkeypatch, capsys, command):
+  """Every command but run reads what run made: a work directory without it is one line naming the
+  missing folder and the command that makes it, not a traceback, and no directory is created."""
+  protocol = _protocol()
+  workdir = tmp_path / "nowhere"
+  monkeypatch.setattr("sys.argv", ["bp_protocol.py", command, "--workdir", str(workdir)])
+  with pytest.raises(SystemExit) as e:
+    protocol.main()
+  assert str(workdir / "runs") in str(e.value) and f"run --workdir {workdir}" in str(e.value)
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize("command", ["calibrate", "ablate"])
+def test_calibrate_and_ablate_need_the_dense_checkpoint(tmp_path, monkeypatch, command):
+  protocol = _protocol()
+  (tmp_path / "runs").mkdir()
+  monkeypatch.setattr("sys.argv", ["bp_protocol.py", command, "--workdir", str(tmp_path)])
+  with pytest.raises(SystemExit, match="dense row has no pretrained checkpoint") as e:
+    protocol.main()
+  assert os.path.join(str(tmp_path), "runs", "dense", "checkpoints", "pretrain") in str(e.value)
+  # a folder there that holds no checkpoint (a cut copy): the checkpoint's own error, one line
+  (tmp_path / "runs" / "dense" / "checkpoints" / "pretrain").mkdir(parents=True)
+  with pytest.raises(SystemExit, match=f"bp_protocol {command}: .*holds no checkpoint"):
+    protocol.main()
