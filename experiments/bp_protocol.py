@@ -243,6 +243,35 @@ def _greedy_set(blocks, stages, drop, n):
   return removed
 
 
+def fingerprint(variables):
+  """A short hash of a network's variables (weights and BN statistics), with their paths."""
+  import hashlib
+
+  import jax
+  import numpy as np
+
+  h = hashlib.sha256()
+  leaves = jax.tree_util.tree_flatten_with_path(variables)[0]
+  for path, leaf in sorted((jax.tree_util.keystr(p), v) for p, v in leaves):
+    h.update(path.encode())
+    h.update(np.asarray(leaf).tobytes())
+  return h.hexdigest()[:16]
+
+
+def forget_stale(out, label, weights):
+  """Record that ablation.json's accuracies at ``label`` are at ``weights`` (a fingerprint), first
+  dropping those measured at other weights (a row deleted and run again). A cache from before the
+  fingerprints were kept takes the current ones."""
+  then = out.setdefault("weights", {}).get(label)
+  if then is not None and then != weights:
+    stale = [k for k in out["accuracy"] if k.split("|")[0] == label]
+    for k in stale:
+      del out["accuracy"][k]
+    print(f"[ablate] {label}: other weights than when ablation.json was written; {len(stale)} accuracies "
+          "measured again", flush=True)
+  out["weights"][label] = weights
+
+
 def _removal_sets(network, variables, bp, drop, random_sets):
   """{label: removed blocks}: BP's, and the controls' with as many blocks (at most all but one of each
   stage, as ``run`` caps its control rows: BP may empty a stage, the controls never do)."""
@@ -278,7 +307,8 @@ def ablate(workdir, data=None, test_per_class=500, random_sets=10, bn_batches=40
   far the statistics accumulated with the blocks in place are off (BN recalibration, as one-shot
   architecture searches do). Gates of 0/1 go into one compiled recalibration and evaluation, so a
   removal costs ``bn_batches`` training-mode passes and one pass over ``test_per_class`` x classes
-  test images; results are kept in ablation/ablation.json and re-running evaluates only what is new.
+  test images; results are kept in ablation/ablation.json with a fingerprint of the weights they were
+  measured at, and re-running evaluates only what is new (a row run again: its accuracies again).
   """
   import jax
   import jax.numpy as jnp
@@ -302,6 +332,11 @@ def ablate(workdir, data=None, test_per_class=500, random_sets=10, bn_batches=40
   out = _read_json(path) or {}
   if (out.get("test_images"), out.get("bn_images"), out.get("bn")) != (len(test.labels), bn_batches * 128, "augmented"):
     out = {"test_images": len(test.labels), "bn_images": bn_batches * 128, "bn": "augmented", "accuracy": {}}
+
+  def weights_of(label, variables):  # cached accuracies are kept only at the same weights
+    forget_stale(out, label, fingerprint(variables))
+    return variables
+
   blocks = list(network.block_names)
 
   @jax.jit
@@ -332,6 +367,7 @@ def ablate(workdir, data=None, test_per_class=500, random_sets=10, bn_batches=40
             f"{100 * out['accuracy'][key]:.2f}%", flush=True)
     return out["accuracy"][key]
 
+  weights_of("dense", dense_vars)
   base = accuracy("dense", dense_vars, [])
   drop = {b: base - accuracy("dense", dense_vars, [b]) for b in blocks}
   out["single_drop"] = drop
@@ -345,7 +381,7 @@ def ablate(workdir, data=None, test_per_class=500, random_sets=10, bn_batches=40
     if not n:
       continue
     sets = _removal_sets(network, dense_vars, bp, drop, random_sets)
-    _, search_vars, _ = load_stage(_ckpt(workdir, name, "search"))
+    search_vars = weights_of(name, load_stage(_ckpt(workdir, name, "search"))[1])
     res = {"blocks_removed": n, "controls_removed": len(sets["last"]), "sets": sets, "dense": {},
            "search": {"none": accuracy(name, search_vars, [])}}
     res["dense"]["none"] = base

@@ -203,3 +203,30 @@ def test_calibrate_and_ablate_need_the_dense_checkpoint(tmp_path, monkeypatch, c
   (tmp_path / "runs" / "dense" / "checkpoints" / "pretrain").mkdir(parents=True)
   with pytest.raises(SystemExit, match=f"bp_protocol {command}: .*holds no checkpoint"):
     protocol.main()
+
+
+def test_ablation_cache_is_dropped_when_a_rows_weights_change(capsys):
+  """A BP row deleted and run again has other search weights under the same name: the accuracies
+  ablate cached at the old weights are forgotten (those of other rows kept)."""
+  import numpy as np
+
+  protocol = _protocol()
+  variables = {"params": {"conv": {"kernel": np.ones((3, 3), np.float32)}}, "batch_stats": {"bn": {"mean": np.zeros(3)}}}
+  fp = protocol.fingerprint(variables)
+  assert fp == protocol.fingerprint({"batch_stats": variables["batch_stats"], "params": variables["params"]})
+  changed = {"params": {"conv": {"kernel": np.full((3, 3), 1.0001, np.float32)}},
+             "batch_stats": variables["batch_stats"]}
+  assert protocol.fingerprint(changed) != fp
+  stats_changed = {"params": variables["params"], "batch_stats": {"bn": {"mean": np.ones(3)}}}
+  assert protocol.fingerprint(stats_changed) != fp
+
+  out = {"accuracy": {"bp_gamma0.2|": 0.7, "bp_gamma0.2|a b": 0.6, "dense|a": 0.8, "bp_gamma0.25|a": 0.5}}
+  protocol.forget_stale(out, "bp_gamma0.2", fp)  # a cache from before the fingerprints: kept
+  protocol.forget_stale(out, "dense", "d1")
+  assert len(out["accuracy"]) == 4
+  protocol.forget_stale(out, "bp_gamma0.2", fp)  # the same weights: kept
+  assert len(out["accuracy"]) == 4
+  protocol.forget_stale(out, "bp_gamma0.2", protocol.fingerprint(changed))
+  assert out["accuracy"] == {"dense|a": 0.8, "bp_gamma0.25|a": 0.5}
+  assert out["weights"] == {"bp_gamma0.2": protocol.fingerprint(changed), "dense": "d1"}
+  assert "bp_gamma0.2: other weights" in capsys.readouterr().out
