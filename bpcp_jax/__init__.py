@@ -17,6 +17,7 @@ from bpcp_jax.families.provider import FamilyNetwork
 from bpcp_jax.tracer.provider import FlaxNetwork
 from bpcp_jax.training.checkpoint import load_network, load_stage
 from bpcp_jax.training.weights import load_weights
+from bpcp_jax.training.batch_stats import recalibrate_batch_stats
 from bpcp_jax.families.counting import count_leaves, count_params_macs, layer_report
 from bpcp_jax.pruning.masks import check_masks, init_masks, kept_blocks, pruned_spec
 from bpcp_jax.families.materialize import materialize, materialize_masks
@@ -67,6 +68,6 @@ __all__ = [
     "hard_gates", "init_masks", "init_traced_masks", "kept_blocks", "layer_report", "layer_table",
     "make_predictor", "masked_apply", "materialize", "materialize_masks", "materialize_nnx", "materialize_traced",
     "measure_latency", "model_from_spec", "narrow", "narrow_nnx", "parse_model_name", "plan_of", "pruned_spec",
-    "pruning_plan", "rebuild", "sample_gates", "select_pruning", "select_resnet",
+    "pruning_plan", "rebuild", "recalibrate_batch_stats", "sample_gates", "select_pruning", "select_resnet",
     "trace_network", "trace_nnx", "traced_importance",
 ]

@@ -305,8 +305,8 @@ def ablate(workdir, data=None, test_per_class=500, random_sets=10, bn_batches=40
   blocks removed (``bn_batches`` x 128 training images augmented as in training, the same for every
   removal; momentum 0.9, so 0.9**40 = 1.5% of the old statistics remain): without it, a removal is judged mostly by how
   far the statistics accumulated with the blocks in place are off (BN recalibration, as one-shot
-  architecture searches do). Gates of 0/1 go into one compiled recalibration and evaluation, so a
-  removal costs ``bn_batches`` training-mode passes and one pass over ``test_per_class`` x classes
+  architecture searches do; ``bpcp_jax.recalibrate_batch_stats``). Gates of 0/1 go into one
+  compiled recalibration and evaluation, so a removal costs ``bn_batches`` training-mode passes and one pass over ``test_per_class`` x classes
   test images; results are kept in ablation/ablation.json with a fingerprint of the weights they were
   measured at, and re-running evaluates only what is new (a row run again: its accuracies again).
   """
@@ -316,6 +316,7 @@ def ablate(workdir, data=None, test_per_class=500, random_sets=10, bn_batches=40
 
   from bpcp_jax.run.pipeline import load_data
   from bpcp_jax.training import data as bdata
+  from bpcp_jax.training.batch_stats import recalibrate_batch_stats
   from bpcp_jax.training.checkpoint import load_stage
 
   config = _protocol_config(workdir)
@@ -339,32 +340,26 @@ def ablate(workdir, data=None, test_per_class=500, random_sets=10, bn_batches=40
 
   blocks = list(network.block_names)
 
-  @jax.jit
-  def recalibrate(variables, gates):
-    def one_batch(stats, x):
-      _, stats = network.apply({"params": variables["params"], "batch_stats": stats}, x, train=True,
-                               block_gates=gates)
-      return stats, None
-
-    return {"params": variables["params"], "batch_stats": jax.lax.scan(one_batch, variables["batch_stats"],
-                                                                       bn_inputs)[0]}
+  recalibrate = jax.jit(lambda variables, gates: recalibrate_batch_stats(network, variables, bn_inputs,
+                                                                          block_gates=gates))
 
   @jax.jit
   def correct(variables, images, labels, gates):
     logits = network.apply(variables, bdata.normalize(images), train=False, block_gates=gates)
     return jnp.sum(jnp.argmax(logits, -1) == labels)
 
-  def accuracy(weights, variables, removed):
-    key = f"{weights}|{' '.join(sorted(removed))}"
+  def accuracy(weights, variables, removed, recalibrated=True):
+    key = f"{weights}|{' '.join(sorted(removed))}" + ("" if recalibrated else "|not recalibrated")
     if key not in out["accuracy"]:
       gates = {b: jnp.float32(v) for b, v in _removal_set(blocks, removed).items()}
-      variables = recalibrate(variables, gates)
+      if recalibrated:
+        variables = recalibrate(variables, gates)
       hits = sum(int(correct(variables, test.images[i:i + 500], test.labels[i:i + 500], gates))
                  for i in range(0, len(test.labels), 500))
       out["accuracy"][key] = hits / len(test.labels)
       files.write_json(path, out, indent=1)
-      print(f"[ablate] {weights} weights, removed {len(removed)} ({', '.join(sorted(removed)) or 'none'}): "
-            f"{100 * out['accuracy'][key]:.2f}%", flush=True)
+      print(f"[ablate] {weights} weights{'' if recalibrated else ' (BN not recalibrated)'}, removed {len(removed)} "
+            f"({', '.join(sorted(removed)) or 'none'}): {100 * out['accuracy'][key]:.2f}%", flush=True)
     return out["accuracy"][key]
 
   weights_of("dense", dense_vars)
@@ -385,9 +380,12 @@ def ablate(workdir, data=None, test_per_class=500, random_sets=10, bn_batches=40
     res = {"blocks_removed": n, "controls_removed": len(sets["last"]), "sets": sets, "dense": {},
            "search": {"none": accuracy(name, search_vars, [])}}
     res["dense"]["none"] = base
+    # what recalibration is for: the dense weights with the statistics gathered with every block in place
+    res["dense_not_recalibrated"] = {"none": accuracy("dense", dense_vars, [], recalibrated=False)}
     for label, removed in sets.items():
       res["dense"][label] = accuracy("dense", dense_vars, removed)
       res["search"][label] = accuracy(name, search_vars, removed)
+      res["dense_not_recalibrated"][label] = accuracy("dense", dense_vars, removed, recalibrated=False)
     out["searches"][name] = res
   files.write_json(path, out, indent=1)
   print(ablation_table(out))
@@ -414,6 +412,9 @@ def spearman(a, b):
   return float(np.corrcoef(_ranks(a), _ranks(b))[0, 1])
 
 
+WEIGHTS_LABEL = {"search": "its search", "dense": "dense", "dense_not_recalibrated": "dense, BN not recalibrated"}
+
+
 def ablation_table(out, final_probs=None, benefit=None):
   """Markdown: per search, BP's removal against the controls' without fine-tuning; with
   ``final_probs`` ({search: {block: keep probability at its end}}) and ``benefit`` (calibrate's
@@ -422,18 +423,19 @@ def ablation_table(out, final_probs=None, benefit=None):
   import numpy as np
 
   lines = [f"Test accuracy (%) with the blocks removed and nothing fine-tuned but the BN statistics "
-           f"(re-estimated on {out['bn_images']:,} augmented training images; {out['test_images']:,} test images):",
+           f"(re-estimated on {out['bn_images']:,} augmented training images, but in the rows 'BN not "
+           f"recalibrated'; {out['test_images']:,} test images):",
            "", "| search | blocks removed | weights | none removed | BP | last blocks | greedy single-drop | "
            "random mean (min-max, n) | random sets below BP |", "|---|---|---|---|---|---|---|---|---|"]
   for name, res in sorted(out.get("searches", {}).items()):
-    for weights in ("search", "dense"):
+    for weights in [w for w in ("search", "dense", "dense_not_recalibrated") if w in res]:
       a = res[weights]
       rnd = np.array([v for k, v in a.items() if k.startswith("random_seed")])
       n, m = res["blocks_removed"], res.get("controls_removed", res["blocks_removed"])
       random = (f"{100 * rnd.mean():.2f} ({100 * rnd.min():.2f}-{100 * rnd.max():.2f}, {len(rnd)}) | "
                 f"{int((rnd < a['bp']).sum())} of {len(rnd)}") if len(rnd) else "- | -"  # ablate --random-sets 0
       lines.append(f"| {name} | {n if m == n else f'{n} (controls {m})'} | "
-                   f"{weights if weights == 'dense' else 'its search'} | "
+                   f"{WEIGHTS_LABEL[weights]} | "
                    f"{100 * a['none']:.2f} | {100 * a['bp']:.2f} | {100 * a['last']:.2f} | "
                    f"{100 * a['greedy_single_drop']:.2f} | {random} |")
   drop = out.get("single_drop", {})

@@ -71,11 +71,15 @@ def test_report_shows_the_ablation(tmp_path):
   accs = {"none": 0.8, "bp": 0.7, "last": 0.6, "greedy_single_drop": 0.72, **{f"random_seed{i}": 0.5 + 0.05 * i
                                                                                 for i in range(4)}}
   abl = {"test_images": 5000, "bn_images": 5120, "bn": "augmented", "accuracy": {}, "single_drop": {"a": 0.01, "b": 0.2},
-         "searches": {"bp_gamma0.2": {"blocks_removed": 8, "sets": {}, "search": accs, "dense": accs}}}
+         "searches": {"bp_gamma0.2": {"blocks_removed": 8, "sets": {}, "search": accs, "dense": accs,
+                                      "dense_not_recalibrated": {k: v / 4 for k, v in accs.items()}},
+                      "bp_gamma0.3": {"blocks_removed": 9, "sets": {}, "search": accs, "dense": accs}}}  # cached before
   (work / "ablation" / "ablation.json").write_text(json.dumps(abl))
   protocol.report(str(work), str(out))
   md = (out / "results.md").read_text()
   assert "| bp_gamma0.2 | 8 | its search | 80.00 | 70.00 | 60.00 | 72.00 | 57.50 (50.00-65.00, 4) | 4 of 4 |" in md
+  assert "| bp_gamma0.2 | 8 | dense, BN not recalibrated | 20.00 | 17.50 | 15.00 | 18.00 | 14.37 (12.50-16.25, 4) |" in md
+  assert "| bp_gamma0.3 | 9 | dense | 80.00 |" in md and "| bp_gamma0.3 | 9 | dense, BN not" not in md
   assert "a 1.00, b 20.00" in md
   assert (out / "ablation.png").stat().st_size > 0 and (out / "ablation.json").exists()
 

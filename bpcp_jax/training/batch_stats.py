@@ -1,0 +1,79 @@
+"""Batch-norm recalibration: the running statistics of a network whose structure changed (residual
+blocks removed, channels pruned) re-estimated from a few training batches, with no training.
+
+Removing a residual block changes the input of every later layer, so the running means and
+variances that batch normalization accumulated with the block in place no longer describe what
+those layers see. Judged in eval mode without recalibration, a removal is judged mostly by how
+far off those statistics are. Re-estimating them with forward passes in train mode (BN
+recalibration, as one-shot architecture searches and "BN adaptation" in pruning tools do) is the
+cheap fix; on ResNet-v2-56 with 8 blocks removed it is the difference between a removal that looks
+random and one that is judged by what it removes (``experiments/bp_protocol.py ablate``).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import jax
+import numpy as np
+
+
+def recalibrate_batch_stats(network, variables: Mapping, batches, *, masks: Optional[Mapping] = None,
+                            block_gates: Optional[Mapping] = None, rng: Optional[jax.Array] = None) -> dict:
+  """``variables`` with ``batch_stats`` re-estimated on ``batches``; the parameters are untouched.
+
+  ``network``: a ``PrunableNetwork``, a family ``ResNet`` (e.g. ``bp.materialize``'s) or any
+  ``flax.linen`` module whose ``__call__`` takes ``train`` or ``deterministic``. ``batches``: float ``[N, B, *network.input_shape]``, network
+  inputs preprocessed as in training (augmented training images are best: the statistics are then
+  those the weights were trained with). ``masks`` / ``block_gates``: the structure to recalibrate
+  for, as ``network.apply`` takes them (e.g. gates of 0 for the removed blocks). ``rng``: a key,
+  split per batch, for networks with dropout.
+
+  Each batch is one forward pass in train mode, so each BN layer's running statistics move by its
+  momentum ``m`` towards that batch's statistics: ``m**N`` of the old statistics remain (flax's
+  default ``m = 0.9``: 40 batches leave 1.5%). Pure and jittable with ``network`` closed over,
+  e.g. ``jax.jit(functools.partial(recalibrate_batch_stats, network))``; the passes run in one
+  ``lax.scan``.
+
+  Raises ``ValueError`` naming the shapes when ``batches`` is not ``[N, B, *input_shape]``, and
+  when ``variables`` has no ``batch_stats`` (a network without batch normalization has nothing to
+  recalibrate).
+  """
+  shape = tuple(np.shape(batches))
+  network = _as_network(network, shape[2:])
+  want = tuple(network.input_shape)
+  if len(shape) != len(want) + 2 or shape[2:] != want or not shape[0] or not shape[1]:
+    raise ValueError(f"recalibrate_batch_stats: batches have shape {shape}; expected [N, B, *input_shape] = "
+                     f"[N, B, {', '.join(map(str, want))}] with N, B > 0 for {getattr(network, 'label', network)}")
+  if not variables.get("batch_stats"):
+    raise ValueError(f"recalibrate_batch_stats: variables have no 'batch_stats' (collections: {sorted(variables)}); "
+                     "a network without batch normalization has no running statistics to recalibrate")
+  keys = None if rng is None else jax.random.split(rng, shape[0])
+
+  def one_batch(stats, inputs):
+    x, key = inputs
+    _, stats = network.apply({**variables, "batch_stats": stats}, x, train=True, masks=masks,
+                             block_gates=block_gates, rng=key)
+    return stats, None
+
+  stats, _ = jax.lax.scan(one_batch, variables["batch_stats"], (batches, keys))
+  return {**variables, "batch_stats": stats}
+
+
+def _as_network(network, input_shape):
+  """A ``PrunableNetwork`` for ``network`` (which may be a plain Flax module)."""
+  import flax.linen as nn
+
+  from bpcp_jax.families.provider import FamilyNetwork
+  from bpcp_jax.families.resnet import ResNet
+  from bpcp_jax.pruning.network import PrunableNetwork
+  from bpcp_jax.tracer.provider import FlaxNetwork
+
+  if isinstance(network, PrunableNetwork):
+    return network
+  if isinstance(network, ResNet):
+    return FamilyNetwork.of(network)
+  if isinstance(network, nn.Module):
+    return FlaxNetwork(network, input_shape, label=type(network).__name__)
+  raise TypeError(f"recalibrate_batch_stats: network is a {type(network).__name__}; expected a PrunableNetwork "
+                  "(bp.FamilyNetwork, bp.FlaxNetwork) or a flax.linen module")
