@@ -30,7 +30,7 @@ import optax
 
 from bpcp_jax.pruning.masks import check_mask_tree, full_masks
 from bpcp_jax.tracer.coupling import CUMULATIVE, REDUCTIONS, Coupling, find_coupling
-from bpcp_jax.tracer.program import Lit, Program, bind, path_str, run_program, trace_program
+from bpcp_jax.tracer.program import Lit, Program, bind, draws_random_numbers, path_str, run_program, trace_program
 
 
 @dataclasses.dataclass(eq=False)
@@ -509,7 +509,10 @@ class PrunedNetwork(nn.Module):
     keys = []
     for name in program.rng_names:
       if not self.has_rng(name):
-        raise ValueError(f"the {mode} mode draws random numbers from {name!r}: call with rngs={{{name!r}: key}}")
+        if draws_random_numbers(program):
+          raise ValueError(f"the {mode} mode draws random numbers from {name!r}: call with rngs={{{name!r}: key}}")
+        keys.append(jax.random.key(0))  # a key the program was traced with but never reads
+        continue
       rng = self.scope.rngs[name]
       keys.append(rng.as_jax_rng() if hasattr(rng, "as_jax_rng") else rng)
     outs = run_program(program, var_leaves, jax.tree_util.tree_leaves(inputs), keys, eqns=shrunk.eqns,
