@@ -3,10 +3,13 @@
 import functools
 import os
 
+import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import bpcp_jax as bp
 from tests.conftest import REPO_ROOT
@@ -69,3 +72,92 @@ def test_recalibration_names_bad_shapes_and_a_network_without_batch_norm():
     bp.recalibrate_batch_stats(net, {"params": variables["params"]}, jnp.zeros((2, 4, 32, 32, 3)))
   with pytest.raises(TypeError, match="network is a dict; expected a PrunableNetwork"):
     bp.recalibrate_batch_stats({}, variables, jnp.zeros((2, 4, 32, 32, 3)))
+
+
+class _ConvBN(nn.Module):
+  """One conv and one BN at flax's default momentum (0.99), pooled to 3 logits."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.BatchNorm(use_running_average=not train)(nn.Conv(4, (3, 3))(x))
+    return nn.Dense(3)(jnp.mean(nn.relu(x), axis=(-3, -2)))
+
+
+def _train_passes(module, variables, batches):
+  stats = variables["batch_stats"]
+  for x in batches:
+    _, upd = module.apply({**variables, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])
+    stats = upd["batch_stats"]
+  return stats
+
+
+def test_recalibration_takes_frozen_variables_low_precision_statistics_and_lists_of_arrays():
+  """Variables as flax.core.freeze gives them, statistics stored in bfloat16 and batches as a list of
+  NumPy arrays: the same passes as the loop, the statistics back in their nesting and dtype; and
+  ``m**N`` of the old statistics remain, at flax's default momentum as the docstring says."""
+  module = _ConvBN()
+  variables = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
+  batches = [np.asarray(x) for x in jax.random.normal(jax.random.PRNGKey(1), (3, 4, 8, 8, 3)) + 2.0]
+  new = bp.recalibrate_batch_stats(module, flax.core.freeze(variables), batches)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), new["batch_stats"],
+               _train_passes(module, variables, batches))
+  low = {**variables, "batch_stats": jax.tree.map(lambda a: a.astype(jnp.bfloat16), variables["batch_stats"])}
+  assert {str(a.dtype) for a in jax.tree.leaves(bp.recalibrate_batch_stats(module, low, batches)["batch_stats"])} == {
+      "bfloat16"}
+  # 20 passes of one batch: 0.99**20 = 82% of the old mean remains
+  one = bp.recalibrate_batch_stats(module, variables, np.broadcast_to(batches[0], (20, *batches[0].shape)))
+  target = _train_passes(module, variables, batches[:1])["BatchNorm_0"]["mean"] / 0.01  # old mean is 0
+  np.testing.assert_allclose(one["batch_stats"]["BatchNorm_0"]["mean"], (1 - 0.99**20) * target, rtol=1e-4)
+
+
+def test_recalibration_refuses_unnormalized_images_unbatched_inputs_and_nnx_modules():
+  module = _ConvBN()
+  variables = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
+  with pytest.raises(TypeError, match="batches are uint8; expected floating-point"):
+    bp.recalibrate_batch_stats(module, variables, np.zeros((2, 4, 8, 8, 3), np.uint8))
+  # [B, H, W, C] without N: a plain module has no input shape to check against, its output has
+  with pytest.raises(ValueError, match=r"_ConvBN maps a batch of shape \(8, 8, 3\) to an output of shape \(3,\)"):
+    bp.recalibrate_batch_stats(module, variables, np.zeros((4, 8, 8, 3), np.float32))
+  with pytest.raises(TypeError, match="network is a Linear; .*an NNX module updates its statistics in place"):
+    bp.recalibrate_batch_stats(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), variables, np.zeros((2, 4, 2), np.float32))
+
+
+def test_recalibration_averages_the_statistics_over_the_mapped_axis():
+  """Under a mapped axis every device ends with the same statistics: the mean of what each would
+  recalibrate to alone (a pass's update is linear in the batch statistics)."""
+  net = bp.FlaxNetwork(_ConvBN(), (8, 8, 3))
+  variables = net.init(jax.random.PRNGKey(0))
+  batches = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 4, 8, 8, 3)) * jnp.array([1.0, 3.0])[:, None, None, None,
+                                                                                                 None, None]
+  alone = jax.vmap(lambda b: bp.recalibrate_batch_stats(net, variables, b)["batch_stats"])(batches)
+  mapped = jax.vmap(lambda b: bp.recalibrate_batch_stats(net, variables, b, axis_name="d")["batch_stats"],
+                    axis_name="d")(batches)
+  jax.tree.map(lambda a, m: np.testing.assert_allclose(m, np.broadcast_to(a.mean(0), a.shape), rtol=1e-5, atol=1e-6),
+               alone, mapped)
+  assert not np.allclose(alone["BatchNorm_0"]["var"][0], alone["BatchNorm_0"]["var"][1])
+
+
+def test_materialized_networks_recalibrate_at_their_own_input_size_without_a_dropout_key():
+  """The traced program materialized (``PrunedNetwork``) of a network without dropout needs no key
+  and recalibrates to the masked network's statistics; a materialized family ResNet recalibrates on
+  16x16 images as its FamilyNetwork does."""
+  net = bp.FlaxNetwork.from_factory(f"{USER_MODELS}:make_resnet", 10, (8, 8, 3))
+  variables = net.init(jax.random.PRNGKey(0))
+  masks = net.init_masks()
+  masks["channels"] = {g: m.at[1].set(0.0) for g, m in masks["channels"].items()}
+  masks["blocks"][net.block_names[1]] = jnp.float32(-1.0)
+  batches = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 8, 8, 3))
+  small, small_vars = bp.materialize_traced(net.traced, variables, masks)
+  assert isinstance(small, bp.PrunedNetwork)
+  got = bp.recalibrate_batch_stats(small, small_vars, batches)["batch_stats"]
+  masked = bp.recalibrate_batch_stats(net, variables, batches, masks=masks)
+  want = bp.materialize_traced(net.traced, masked, masks)[1]["batch_stats"]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
+  family = bp.FamilyNetwork.create("resnet_v2_11", 10, image_size=16)
+  fam_vars = family.init(jax.random.PRNGKey(0))
+  x = jax.random.normal(jax.random.PRNGKey(2), (1, 2, 16, 16, 3))
+  fam_masks = random_masks(family.module(), 1)
+  resnet, res_vars = bp.materialize(family.module(), fam_vars, fam_masks)
+  want = bp.materialize(family.module(), bp.recalibrate_batch_stats(family, fam_vars, x, masks=fam_masks), fam_masks)[1]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               bp.recalibrate_batch_stats(resnet, res_vars, x)["batch_stats"], want["batch_stats"])

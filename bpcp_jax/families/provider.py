@@ -43,10 +43,11 @@ class FamilyNetwork(PrunableNetwork):
     return cls(dense_spec(*parse_model_name(name), num_classes), **kw)
 
   @classmethod
-  def of(cls, model: ResNet) -> "FamilyNetwork":
-    """The provider of an existing ``ResNet`` module (its spec, dtype and init style)."""
+  def of(cls, model: ResNet, image_size: int = 32) -> "FamilyNetwork":
+    """The provider of an existing ``ResNet`` module (its spec, dtype and init style) for
+    ``image_size`` x ``image_size`` images (the module itself takes any size)."""
     dtype = next(k for k, v in DTYPES.items() if jnp.dtype(v) == jnp.dtype(model.dtype))
-    return cls(model.spec, dtype=dtype, init_style=model.init_style)
+    return cls(model.spec, dtype=dtype, init_style=model.init_style, image_size=image_size)
 
   @classmethod
   def from_description(cls, desc: Mapping[str, Any], **options) -> "FamilyNetwork":

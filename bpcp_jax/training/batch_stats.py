@@ -15,54 +15,75 @@ from __future__ import annotations
 from typing import Mapping, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
 def recalibrate_batch_stats(network, variables: Mapping, batches, *, masks: Optional[Mapping] = None,
-                            block_gates: Optional[Mapping] = None, rng: Optional[jax.Array] = None) -> dict:
+                            block_gates: Optional[Mapping] = None, rng: Optional[jax.Array] = None,
+                            axis_name: Optional[str] = None) -> dict:
   """``variables`` with ``batch_stats`` re-estimated on ``batches``; the parameters are untouched.
 
   ``network``: a ``PrunableNetwork``, a family ``ResNet`` (e.g. ``bp.materialize``'s) or any
-  ``flax.linen`` module whose ``__call__`` takes ``train`` or ``deterministic``. ``batches``: float ``[N, B, *network.input_shape]``, network
-  inputs preprocessed as in training (augmented training images are best: the statistics are then
-  those the weights were trained with). ``masks`` / ``block_gates``: the structure to recalibrate
-  for, as ``network.apply`` takes them (e.g. gates of 0 for the removed blocks). ``rng``: a key,
-  split per batch, for networks with dropout.
+  ``flax.linen`` module whose ``__call__`` takes ``train`` or ``deterministic`` (a module has no
+  declared input shape: its inputs are taken to be ``batches.shape[2:]``). ``batches``: one
+  floating-point array ``[N, B, *network.input_shape]``, network inputs preprocessed as in training
+  (augmented training images are best: the statistics are then those the weights were trained
+  with). ``masks`` / ``block_gates``: the structure to recalibrate for, as ``network.apply`` takes
+  them (e.g. gates of 0 for the removed blocks). ``rng``: a key, split per batch, for networks with
+  dropout. ``axis_name``: under ``pmap``/``shard_map``, the mapped axis the batch statistics are
+  averaged over (as in ``network.apply``), so every device ends with the same statistics.
 
   Each batch is one forward pass in train mode, so each BN layer's running statistics move by its
-  momentum ``m`` towards that batch's statistics: ``m**N`` of the old statistics remain (flax's
-  default ``m = 0.9``: 40 batches leave 1.5%). Pure and jittable with ``network`` closed over,
-  e.g. ``jax.jit(functools.partial(recalibrate_batch_stats, network))``; the passes run in one
-  ``lax.scan``.
+  momentum ``m`` towards that batch's statistics: ``m**N`` of the old statistics remain. With the
+  family ResNets' ``m = 0.9``, 40 batches leave 1.5%; with ``flax.linen.BatchNorm``'s default
+  ``m = 0.99`` they leave 67%, and 1% takes 459 batches (``N >= log(0.01) / log(m)``). Pure and
+  jittable with ``network`` closed over, e.g. ``jax.jit(functools.partial(recalibrate_batch_stats,
+  network))``; the passes run in one ``lax.scan``. The statistics keep the nesting (frozen dicts
+  come back as dicts) and dtypes they had.
 
-  Raises ``ValueError`` naming the shapes when ``batches`` is not ``[N, B, *input_shape]``, and
-  when ``variables`` has no ``batch_stats`` (a network without batch normalization has nothing to
-  recalibrate).
+  Raises ``ValueError`` naming the shapes when ``batches`` is not ``[N, B, *input_shape]`` (for a
+  plain module: when its output is not ``[B, ...]``), and when ``variables`` has no
+  ``batch_stats`` (a network without batch normalization has nothing to recalibrate);
+  ``TypeError`` naming the dtype for batches that are not floating point (e.g. uint8 images not
+  yet normalized) and naming the type of a ``network`` it cannot run (e.g. an ``nnx.Module``).
   """
-  shape = tuple(np.shape(batches))
+  import flax
+
+  batches = jnp.asarray(batches)
+  shape = tuple(batches.shape)
   network = _as_network(network, shape[2:])
   want = tuple(network.input_shape)
   if len(shape) != len(want) + 2 or shape[2:] != want or not shape[0] or not shape[1]:
     raise ValueError(f"recalibrate_batch_stats: batches have shape {shape}; expected [N, B, *input_shape] = "
                      f"[N, B, {', '.join(map(str, want))}] with N, B > 0 for {getattr(network, 'label', network)}")
+  if not jnp.issubdtype(batches.dtype, jnp.floating):
+    raise TypeError(f"recalibrate_batch_stats: batches are {batches.dtype}; expected floating-point network "
+                    "inputs, preprocessed as in training (images scaled and normalized)")
   if not variables.get("batch_stats"):
     raise ValueError(f"recalibrate_batch_stats: variables have no 'batch_stats' (collections: {sorted(variables)}); "
                      "a network without batch normalization has no running statistics to recalibrate")
+  old = flax.core.unfreeze(variables["batch_stats"])
   keys = None if rng is None else jax.random.split(rng, shape[0])
 
   def one_batch(stats, inputs):
     x, key = inputs
-    _, stats = network.apply({**variables, "batch_stats": stats}, x, train=True, masks=masks,
-                             block_gates=block_gates, rng=key)
-    return stats, None
+    logits, new = network.apply({**variables, "batch_stats": stats}, x, train=True, masks=masks,
+                                block_gates=block_gates, rng=key, axis_name=axis_name)
+    if np.shape(logits)[:1] != shape[1:2]:
+      raise ValueError(f"recalibrate_batch_stats: {getattr(network, 'label', network)} maps a batch of shape "
+                       f"{shape[1:]} to an output of shape {np.shape(logits)}, not [{shape[1]}, ...]; batches must "
+                       "be [N, B, *input_shape]")
+    return jax.tree.map(lambda a, b: a.astype(b.dtype), new, stats), None
 
-  stats, _ = jax.lax.scan(one_batch, variables["batch_stats"], (batches, keys))
+  stats, _ = jax.lax.scan(one_batch, old, (batches, keys))
   return {**variables, "batch_stats": stats}
 
 
 def _as_network(network, input_shape):
   """A ``PrunableNetwork`` for ``network`` (which may be a plain Flax module)."""
   import flax.linen as nn
+  from flax import nnx
 
   from bpcp_jax.families.provider import FamilyNetwork
   from bpcp_jax.families.resnet import ResNet
@@ -72,8 +93,10 @@ def _as_network(network, input_shape):
   if isinstance(network, PrunableNetwork):
     return network
   if isinstance(network, ResNet):
-    return FamilyNetwork.of(network)
+    return FamilyNetwork.of(network, image_size=input_shape[0] if input_shape else 32)
   if isinstance(network, nn.Module):
     return FlaxNetwork(network, input_shape, label=type(network).__name__)
+  hint = ("; an NNX module updates its statistics in place when called after model.train()"
+          if isinstance(network, nnx.Module) else "")
   raise TypeError(f"recalibrate_batch_stats: network is a {type(network).__name__}; expected a PrunableNetwork "
-                  "(bp.FamilyNetwork, bp.FlaxNetwork) or a flax.linen module")
+                  f"(bp.FamilyNetwork, bp.FlaxNetwork) or a flax.linen module{hint}")
