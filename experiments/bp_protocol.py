@@ -340,8 +340,9 @@ def ablate(workdir, data=None, test_per_class=500, random_sets=10, bn_batches=40
 
   blocks = list(network.block_names)
 
+  # momentum updates, as every cached accuracy was measured (the library's default is the exact average)
   recalibrate = jax.jit(lambda variables, gates: recalibrate_batch_stats(network, variables, bn_inputs,
-                                                                          block_gates=gates))
+                                                                          block_gates=gates, average="momentum"))
 
   @jax.jit
   def correct(variables, images, labels, gates):

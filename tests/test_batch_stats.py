@@ -19,40 +19,46 @@ USER_MODELS = os.path.join(REPO_ROOT, "tests", "user_models.py")
 
 
 def test_recalibrated_statistics_are_those_of_the_pruned_network():
-  """Recalibrated on many passes of one batch, the running statistics become that batch's: eval
+  """Recalibrated on one batch (twice), the running statistics become that batch's: eval
   mode then gives train mode's logits for it, for the network with blocks and channels removed
   (and not before: the old statistics were accumulated with them in place)."""
-  net = bp.FamilyNetwork.create("resnet_v2_20", 10)
-  rng = np.random.default_rng(0)  # statistics far from what the pruned network sees
-  variables = jax.tree.map(lambda a: a + 0.2 * rng.standard_normal(a.shape, np.float32), net.init(jax.random.PRNGKey(0)))
+  net = bp.FamilyNetwork.create("resnet_v2_20", 10, image_size=16)
+  rng = np.random.default_rng(0)
+
+  def draw(s):  # random weights (drawn here: faster than net.init), vectors and statistics around 1
+    if len(s.shape) == 1:
+      return (1.0 + rng.standard_normal(s.shape)).astype(np.float32)
+    return (rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(np.float32)
+
+  variables = jax.tree.map(draw, jax.eval_shape(net.init, jax.random.PRNGKey(0)))
   variables["batch_stats"] = jax.tree.map(lambda a: np.abs(a) + 0.05, variables["batch_stats"])
   masks = random_masks(net.module(), 3)
-  x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3), jnp.float32)
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3), jnp.float32)
   train_logits, _ = jax.jit(lambda v: net.apply(v, x, train=True, masks=masks))(variables)
   evaluate = jax.jit(lambda v: net.apply(v, x, train=False, masks=masks))
   before = evaluate(variables)
   recal = jax.jit(functools.partial(bp.recalibrate_batch_stats, net))
-  new = recal(variables, jnp.broadcast_to(x, (100, *x.shape)), masks=masks)  # 0.9**100: 3e-5 of the old left
+  new = recal(variables, jnp.broadcast_to(x, (2, *x.shape)), masks=masks)
   after = evaluate(new)
   assert float(jnp.max(jnp.abs(before - train_logits))) > 0.1
   np.testing.assert_allclose(after, train_logits, atol=2e-4, rtol=2e-4)
   # the materialized network (a plain ResNet module, no masks) recalibrates to the same function
   small, small_vars = bp.materialize(net.module(), variables, masks)
-  small_new = bp.recalibrate_batch_stats(small, small_vars, jnp.broadcast_to(x, (100, *x.shape)))
+  small_new = bp.recalibrate_batch_stats(small, small_vars, jnp.broadcast_to(x, (2, *x.shape)))
   small_logits = jax.jit(lambda v: small.apply(v, x, train=False))(small_new)
   np.testing.assert_allclose(small_logits, after, atol=1e-5, rtol=1e-5)
   assert jax.tree.all(jax.tree.map(np.array_equal, new["params"], variables["params"]))
 
 
 def test_recalibration_is_one_train_mode_pass_per_batch_with_dropout_keys():
-  """A user network with dropout and a removed block: the same as a loop of train-mode passes, each
-  with its own part of the key."""
+  """average="momentum": for a user network with dropout and a removed block, the same as a loop of
+  train-mode passes, each with its own part of the key."""
   net = bp.FlaxNetwork.from_factory(f"{USER_MODELS}:make_resnet", 10, (32, 32, 3))
   variables = net.init(jax.random.PRNGKey(0))
   gates = {b: jnp.float32(i != 1) for i, b in enumerate(net.block_names)}
   batches = jax.random.normal(jax.random.PRNGKey(2), (3, 4, 32, 32, 3), jnp.float32)
   key = jax.random.PRNGKey(5)
-  new = bp.recalibrate_batch_stats(net, variables, batches, block_gates=gates, rng=key)
+  new = bp.recalibrate_batch_stats(net, variables, batches, block_gates=gates, rng=key, average="momentum")
   stats = variables["batch_stats"]
   apply = jax.jit(lambda v, x, k: net.apply(v, x, train=True, block_gates=gates, rng=k))
   for x, k in zip(batches, jax.random.split(key, 3)):
@@ -98,16 +104,45 @@ def test_recalibration_takes_frozen_variables_low_precision_statistics_and_lists
   module = _ConvBN()
   variables = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
   batches = [np.asarray(x) for x in jax.random.normal(jax.random.PRNGKey(1), (3, 4, 8, 8, 3)) + 2.0]
-  new = bp.recalibrate_batch_stats(module, flax.core.freeze(variables), batches)
+  new = bp.recalibrate_batch_stats(module, flax.core.freeze(variables), batches, average="momentum")
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), new["batch_stats"],
                _train_passes(module, variables, batches))
   low = {**variables, "batch_stats": jax.tree.map(lambda a: a.astype(jnp.bfloat16), variables["batch_stats"])}
   assert {str(a.dtype) for a in jax.tree.leaves(bp.recalibrate_batch_stats(module, low, batches)["batch_stats"])} == {
       "bfloat16"}
   # 20 passes of one batch: 0.99**20 = 82% of the old mean remains
-  one = bp.recalibrate_batch_stats(module, variables, np.broadcast_to(batches[0], (20, *batches[0].shape)))
+  one = bp.recalibrate_batch_stats(module, variables, np.broadcast_to(batches[0], (20, *batches[0].shape)),
+                                  average="momentum")
   target = _train_passes(module, variables, batches[:1])["BatchNorm_0"]["mean"] / 0.01  # old mean is 0
   np.testing.assert_allclose(one["batch_stats"]["BatchNorm_0"]["mean"], (1 - 0.99**20) * target, rtol=1e-4)
+
+
+class _BNFirst(nn.Module):
+  """BN on the input itself (flax's default momentum, 0.99), then a dense layer and a second BN."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.BatchNorm(use_running_average=not train)(x)
+    return nn.BatchNorm(use_running_average=not train, momentum=0.5)(nn.Dense(3)(x))
+
+
+def test_exact_average_is_the_mean_of_the_batch_statistics_whatever_the_momentum():
+  """The default: the running statistics become the equal-weight mean of the batches' own, the old
+  ones forgotten, at momentum 0.99 and 0.5 alike (a momentum pass would keep 97% of the old at 0.99)."""
+  module = _BNFirst()
+  variables = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 5)))
+  variables["batch_stats"] = jax.tree.map(lambda a: a + 7.0, variables["batch_stats"])  # far off
+  batches = jax.random.normal(jax.random.PRNGKey(1), (3, 16, 5)) * jnp.array([1.0, 2.0, 0.5])[:, None, None] + 1.5
+  new = bp.recalibrate_batch_stats(module, variables, batches)["batch_stats"]
+  np.testing.assert_allclose(new["BatchNorm_0"]["mean"], batches.mean(1).mean(0), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(new["BatchNorm_0"]["var"], batches.var(1).mean(0), rtol=1e-5, atol=1e-5)
+  # the second BN: the mean over the batches of what one momentum pass from 0 moves by, over (1 - 0.5)
+  zero = jax.tree.map(jnp.zeros_like, variables["batch_stats"])
+  per_batch = [_train_passes(module, {**variables, "batch_stats": zero}, [x])["BatchNorm_1"] for x in batches]
+  for k in ("mean", "var"):
+    np.testing.assert_allclose(new["BatchNorm_1"][k], np.mean([b[k] for b in per_batch], 0) / 0.5, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="average='ema'; expected 'exact' or 'momentum'"):
+    bp.recalibrate_batch_stats(module, variables, batches, average="ema")
 
 
 def test_recalibration_refuses_unnormalized_images_unbatched_inputs_and_nnx_modules():

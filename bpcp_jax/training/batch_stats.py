@@ -21,7 +21,7 @@ import numpy as np
 
 def recalibrate_batch_stats(network, variables: Mapping, batches, *, masks: Optional[Mapping] = None,
                             block_gates: Optional[Mapping] = None, rng: Optional[jax.Array] = None,
-                            axis_name: Optional[str] = None) -> dict:
+                            axis_name: Optional[str] = None, average: str = "exact") -> dict:
   """``variables`` with ``batch_stats`` re-estimated on ``batches``; the parameters are untouched.
 
   ``network``: a ``PrunableNetwork``, a family ``ResNet`` (e.g. ``bp.materialize``'s) or any
@@ -34,19 +34,27 @@ def recalibrate_batch_stats(network, variables: Mapping, batches, *, masks: Opti
   dropout. ``axis_name``: under ``pmap``/``shard_map``, the mapped axis the batch statistics are
   averaged over (as in ``network.apply``), so every device ends with the same statistics.
 
-  Each batch is one forward pass in train mode, so each BN layer's running statistics move by its
-  momentum ``m`` towards that batch's statistics: ``m**N`` of the old statistics remain. With the
-  family ResNets' ``m = 0.9``, 40 batches leave 1.5%; with ``flax.linen.BatchNorm``'s default
-  ``m = 0.99`` they leave 67%, and 1% takes 459 batches (``N >= log(0.01) / log(m)``). Pure and
-  jittable with ``network`` closed over, e.g. ``jax.jit(functools.partial(recalibrate_batch_stats,
-  network))``; the passes run in one ``lax.scan``. The statistics keep the nesting (frozen dicts
-  come back as dicts) and dtypes they had.
+  ``average="exact"`` (the default): the new statistics are the equal-weight mean of the N
+  batches' statistics, the old ones forgotten (as PyTorch's ``torch.optim.swa_utils.update_bn``,
+  which sets ``momentum=None``), whatever the layers' momentum. It assumes what flax's
+  ``BatchNorm`` and the families' layers do: each running statistic is an exponential moving
+  average ``new = m * old + (1 - m) * batch``; ``m`` is read off per element from one extra pass
+  (N + 1 passes in all). A statistic the pass leaves unchanged keeps its value.
+  ``average="momentum"``: N passes, each moving the running statistics by the layers' momentum,
+  as training would: ``m**N`` of the old statistics remain (the families' ``m = 0.9``: 40 batches
+  leave 1.5%; ``flax.linen.BatchNorm``'s default ``m = 0.99``: 67%, and 1% takes 459 batches).
+
+  Pure and jittable with ``network`` closed over, e.g.
+  ``jax.jit(functools.partial(recalibrate_batch_stats, network))``; the passes run in one
+  ``lax.scan``. The statistics keep the nesting (frozen dicts come back as dicts) and dtypes they
+  had.
 
   Raises ``ValueError`` naming the shapes when ``batches`` is not ``[N, B, *input_shape]`` (for a
   plain module: when its output is not ``[B, ...]``), and when ``variables`` has no
   ``batch_stats`` (a network without batch normalization has nothing to recalibrate);
   ``TypeError`` naming the dtype for batches that are not floating point (e.g. uint8 images not
-  yet normalized) and naming the type of a ``network`` it cannot run (e.g. an ``nnx.Module``).
+  yet normalized) and naming the type of a ``network`` it cannot run (e.g. an ``nnx.Module``);
+  ``ValueError`` for another ``average``.
   """
   import flax
 
@@ -63,21 +71,39 @@ def recalibrate_batch_stats(network, variables: Mapping, batches, *, masks: Opti
   if not variables.get("batch_stats"):
     raise ValueError(f"recalibrate_batch_stats: variables have no 'batch_stats' (collections: {sorted(variables)}); "
                      "a network without batch normalization has no running statistics to recalibrate")
+  if average not in ("exact", "momentum"):
+    raise ValueError(f"recalibrate_batch_stats: average={average!r}; expected 'exact' or 'momentum'")
   old = flax.core.unfreeze(variables["batch_stats"])
   keys = None if rng is None else jax.random.split(rng, shape[0])
 
-  def one_batch(stats, inputs):
-    x, key = inputs
+  def step(stats, x, key):  # one train-mode pass: the running statistics after it
     logits, new = network.apply({**variables, "batch_stats": stats}, x, train=True, masks=masks,
                                 block_gates=block_gates, rng=key, axis_name=axis_name)
     if np.shape(logits)[:1] != shape[1:2]:
       raise ValueError(f"recalibrate_batch_stats: {getattr(network, 'label', network)} maps a batch of shape "
                        f"{shape[1:]} to an output of shape {np.shape(logits)}, not [{shape[1]}, ...]; batches must "
                        "be [N, B, *input_shape]")
-    return jax.tree.map(lambda a, b: a.astype(b.dtype), new, stats), None
+    return jax.tree.map(lambda a, b: a.astype(b.dtype), new, stats)
 
-  stats, _ = jax.lax.scan(one_batch, old, (batches, keys))
-  return {**variables, "batch_stats": stats}
+  if average == "momentum":
+    stats, _ = jax.lax.scan(lambda st, xk: (step(st, *xk), None), old, (batches, keys))
+    return {**variables, "batch_stats": stats}
+  # exact: every update is new = m * old + (1 - m) * batch, so from old = 0 a pass gives (1 - m) * batch,
+  # and from old = D one more gives m * D on top (D a power of two far above any statistic: m exact
+  # to float32's precision); the batch statistics are then averaged with equal weights
+  f32 = jax.tree.map(lambda a: jnp.zeros(jnp.shape(a), jnp.float32), old)
+  big = 2.0 ** 20
+  first = step(f32, batches[0], None if keys is None else keys[0])
+  momentum = jax.tree.map(lambda a, b: (a - b) / big, step(jax.tree.map(lambda z: z + big, f32), batches[0],
+                                                          None if keys is None else keys[0]), first)
+  rest = (batches[1:], None if keys is None else keys[1:])
+  total, _ = jax.lax.scan(lambda t, xk: (jax.tree.map(jnp.add, t, step(f32, *xk)), None), first, rest)
+
+  def mean(t, m, o):  # a statistic the pass does not update (m = 1) keeps its value
+    moved = 1.0 - m > 1e-6
+    return jnp.where(moved, t / (shape[0] * jnp.where(moved, 1.0 - m, 1.0)), o).astype(o.dtype)
+
+  return {**variables, "batch_stats": jax.tree.map(mean, total, momentum, old)}
 
 
 def _as_network(network, input_shape):
