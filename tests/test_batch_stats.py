@@ -145,6 +145,31 @@ def test_exact_average_is_the_mean_of_the_batch_statistics_whatever_the_momentum
     bp.recalibrate_batch_stats(module, variables, batches, average="ema")
 
 
+class _SpectralBN(nn.Module):
+  """A spectral-normalized dense layer (its power-iteration state is in batch_stats too) and a BN."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.SpectralNorm(nn.Dense(4))(x, update_stats=train)
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+
+
+def test_exact_average_leaves_statistics_that_are_not_moving_averages_alone():
+  """A spectral norm's u and sigma depend on the weights only: they keep their values (no garbage
+  from reading them as moving averages), and the BN beside them is recalibrated."""
+  module = _SpectralBN()
+  variables = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 5)))
+  batches = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 5)) + 3.0
+  new = bp.recalibrate_batch_stats(module, variables, batches)["batch_stats"]
+  spectral = "SpectralNorm_0"
+  jax.tree.map(np.testing.assert_array_equal, new[spectral], variables["batch_stats"][spectral])
+  zero = jax.tree.map(jnp.zeros_like, variables["batch_stats"])
+  per_batch = [_train_passes(module, {**variables, "batch_stats": zero}, [x])["BatchNorm_0"]["mean"] / 0.1
+               for x in batches]
+  np.testing.assert_allclose(new["BatchNorm_0"]["mean"], np.mean(per_batch, 0), rtol=1e-5, atol=1e-5)
+  assert float(np.max(np.abs(new["BatchNorm_0"]["mean"]))) > 0.1
+
+
 def test_recalibration_refuses_unnormalized_images_unbatched_inputs_and_nnx_modules():
   module = _ConvBN()
   variables = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
