@@ -145,29 +145,57 @@ def test_exact_average_is_the_mean_of_the_batch_statistics_whatever_the_momentum
     bp.recalibrate_batch_stats(module, variables, batches, average="ema")
 
 
-class _SpectralBN(nn.Module):
-  """A spectral-normalized dense layer (its power-iteration state is in batch_stats too) and a BN."""
+class _ReadStatistics(nn.Module):
+  """Statistics the train-mode forward reads: a BN frozen with use_running_average=True and a
+  spectral norm's power-iteration state (its u, and the sigma it gives); then a BN."""
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    x = nn.BatchNorm(use_running_average=True, name="frozen")(x)
     x = nn.SpectralNorm(nn.Dense(4))(x, update_stats=train)
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn")(x)
 
 
-def test_exact_average_leaves_statistics_that_are_not_moving_averages_alone():
-  """A spectral norm's u and sigma depend on the weights only: they keep their values (no garbage
-  from reading them as moving averages), and the BN beside them is recalibrated."""
-  module = _SpectralBN()
-  variables = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 5)))
+def test_exact_average_holds_the_statistics_the_forward_reads():
+  """The frozen BN and the spectral norm keep their values, and the BN after them is recalibrated
+  from the forward the network computes with those values (the statistics of each batch from a
+  train-mode pass with its own statistics at 0), not one with them at 0 or 2**21."""
+  module = _ReadStatistics()
+  variables = jax.jit(module.init)(jax.random.PRNGKey(0), jnp.zeros((1, 5)))
+  variables["params"] = jax.tree.map(lambda a: 3.0 * a, variables["params"])  # sigma 3, not 1
+  variables["batch_stats"]["frozen"] = {"mean": jnp.arange(5.0), "var": jnp.arange(1.0, 6.0)}
   batches = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 5)) + 3.0
-  new = bp.recalibrate_batch_stats(module, variables, batches)["batch_stats"]
-  spectral = "SpectralNorm_0"
-  jax.tree.map(np.testing.assert_array_equal, new[spectral], variables["batch_stats"][spectral])
-  zero = jax.tree.map(jnp.zeros_like, variables["batch_stats"])
-  per_batch = [_train_passes(module, {**variables, "batch_stats": zero}, [x])["BatchNorm_0"]["mean"] / 0.1
-               for x in batches]
-  np.testing.assert_allclose(new["BatchNorm_0"]["mean"], np.mean(per_batch, 0), rtol=1e-5, atol=1e-5)
-  assert float(np.max(np.abs(new["BatchNorm_0"]["mean"]))) > 0.1
+  new = jax.jit(functools.partial(bp.recalibrate_batch_stats, module))(variables, batches)["batch_stats"]
+  for name in ("frozen", "SpectralNorm_0"):
+    jax.tree.map(np.testing.assert_array_equal, new[name], variables["batch_stats"][name])
+  zero = {**variables["batch_stats"], "bn": jax.tree.map(jnp.zeros_like, variables["batch_stats"]["bn"])}
+  per_batch = jax.jit(jax.vmap(lambda x: module.apply({**variables, "batch_stats": zero}, x, train=True,
+                                                     mutable=["batch_stats"])[1]["batch_stats"]["bn"]))(batches)
+  for k in ("mean", "var"):
+    np.testing.assert_allclose(new["bn"][k], per_batch[k].mean(0) / 0.1, rtol=1e-5, atol=1e-5)
+  assert float(np.max(np.abs(new["bn"]["mean"]))) > 0.1
+
+
+class _TwoInputBNs(nn.Module):
+  """Two BNs on the input itself, at momentum 0 (the running statistics are the last batch's) and 0.9."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    return (nn.BatchNorm(use_running_average=not train, momentum=0.0)(x)
+            + nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
+
+
+def test_exact_average_at_momentum_zero_and_with_large_statistics():
+  """Inputs of variance 1e10 (unnormalized data) and a momentum of 0: the statistics are still the
+  mean over the batches of each one's mean and (biased) variance."""
+  module = _TwoInputBNs()
+  variables = jax.jit(module.init)(jax.random.PRNGKey(0), jnp.zeros((1, 3)))
+  batches = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (3, 16, 3))) * 1e5 + 3e5
+  new = jax.jit(functools.partial(bp.recalibrate_batch_stats, module))(variables, batches)["batch_stats"]
+  want = {"mean": batches.astype(np.float64).mean(1).mean(0), "var": batches.astype(np.float64).var(1).mean(0)}
+  for layer in ("BatchNorm_0", "BatchNorm_1"):
+    for k in ("mean", "var"):
+      np.testing.assert_allclose(new[layer][k], want[k], rtol=1e-4)
 
 
 def test_recalibration_refuses_unnormalized_images_unbatched_inputs_and_nnx_modules():

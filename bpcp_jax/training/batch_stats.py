@@ -17,6 +17,7 @@ from typing import Mapping, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
 
 def recalibrate_batch_stats(network, variables: Mapping, batches, *, masks: Optional[Mapping] = None,
@@ -36,12 +37,17 @@ def recalibrate_batch_stats(network, variables: Mapping, batches, *, masks: Opti
 
   ``average="exact"`` (the default): the new statistics are the equal-weight mean of the N
   batches' statistics, the old ones forgotten (as PyTorch's ``torch.optim.swa_utils.update_bn``,
-  which sets ``momentum=None``), whatever the layers' momentum. It assumes what flax's
+  which sets ``momentum=None``), whatever the layers' momentum, 0 included. It assumes what flax's
   ``BatchNorm`` and the families' layers do: each running statistic is an exponential moving
-  average ``new = m * old + (1 - m) * batch``; ``m`` is read off per element from two extra passes
-  (N + 2 in all). A statistic that is not such an average with ``0.001 <= m < 1`` (one a pass
-  leaves unchanged, a spectral norm's power-iteration state, which depends on the weights only)
-  keeps its value.
+  average ``new = m * old + (1 - m) * batch`` that the train-mode forward does not read; ``m`` is
+  read off per element from a pass from the old statistics and three from 0, D and 2 D (D 2**21 to
+  2**22 times above the statistic: float32's precision at any magnitude), N + 4 passes in all, the
+  three as one ``vmap`` (which computes a forward that reads no statistic once). A statistic that is
+  not such an average with ``0 <= m < 1`` keeps its value, and is held at it in every pass, so that
+  the averages after it are fed by the forward the network computes: one a pass leaves unchanged (a
+  ``BatchNorm`` frozen with ``use_running_average=True``), a spectral norm's power-iteration state.
+  One that is a moving average and also read by the train-mode forward (batch renormalization's)
+  needs ``average="momentum"``.
   ``average="momentum"``: N passes, each moving the running statistics by the layers' momentum,
   as training would: ``m**N`` of the old statistics remain (the families' ``m = 0.9``: 40 batches
   leave 1.5%; ``flax.linen.BatchNorm``'s default ``m = 0.99``: 67%, and 1% takes 459 batches).
@@ -90,25 +96,38 @@ def recalibrate_batch_stats(network, variables: Mapping, batches, *, masks: Opti
   if average == "momentum":
     stats, _ = jax.lax.scan(lambda st, xk: (step(st, *xk), None), old, (batches, keys))
     return {**variables, "batch_stats": stats}
-  # exact: an update new = m * old + (1 - m) * batch gives (1 - m) * batch from old = 0, and m * D more
-  # from old = D (a power of two far above any statistic: m exact to float32's precision); the batch
-  # statistics are then averaged with equal weights. A third pass, from 2 D, tells the statistics
-  # that are such an average from those that are not (a spectral norm's power-iteration vector,
-  # which depends on the weights only): those keep their values.
-  f32 = jax.tree.map(lambda a: jnp.zeros(jnp.shape(a), jnp.float32), old)
-  big = 2.0 ** 20
+  # exact, on the statistics as one float32 vector. Statistics a pass from the old ones leaves as they
+  # are (a frozen BatchNorm's, which the train-mode forward reads) are held at their values in every
+  # pass. An update new = m * start + (1 - m) * batch moves by m * D from start = 0 to start = D, and
+  # as much again to 2 D; D, a power of two 2**21 to 2**22 times above the statistic, gives m to
+  # float32's precision however large the statistics are. Equal steps (to float32's rounding) with
+  # 0 <= m < 1 make a moving average, and so do steps equal to within 4e-6 D with 0.001 <= m < 1 (a
+  # statistic the forward reads, put at 0, D and 2 D, changes the batch statistics after it). The
+  # statistics that are not moving averages (such a read one: a spectral norm's power-iteration
+  # vector) keep their values and are held at them in the N passes, where the moving averages start
+  # from 0: the batch statistics are those of the forward the network computes.
+  flat, unravel = ravel_pytree(jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), old))
+
+  def flat_step(v, x, key):
+    return ravel_pytree(step(unravel(v), x, key))[0]
+
   key0 = None if keys is None else keys[0]
-  first, at_d, at_2d = (step(jax.tree.map(lambda z, c=c: z + c, f32), batches[0], key0) for c in (0.0, big, 2 * big))
-  rest = (batches[1:], None if keys is None else keys[1:])
-  total, _ = jax.lax.scan(lambda t, xk: (jax.tree.map(jnp.add, t, step(f32, *xk)), None), first, rest)
-
-  def mean(t, s0, s1, s2, o):
-    m = (s1 - s0) / big
-    ema = ((jnp.abs((s2 - s0) - 2 * (s1 - s0)) <= 4e-6 * big) & (m >= 1e-3) & (1.0 - m > 1e-6)
-           & jnp.isfinite(s0) & jnp.isfinite(t))
-    return jnp.where(ema, t / (shape[0] * jnp.where(ema, 1.0 - m, 1.0)), o).astype(o.dtype)
-
-  return {**variables, "batch_stats": jax.tree.map(mean, total, first, at_d, at_2d, old)}
+  at_old = flat_step(flat, batches[0], key0)
+  held = at_old == flat
+  top = jax.lax.bitcast_convert_type(jnp.maximum(jnp.maximum(jnp.abs(at_old), jnp.abs(flat)), 1.0), jnp.int32)
+  big = 2.0 ** 22 * jax.lax.bitcast_convert_type(top & 0x7F800000, jnp.float32)  # its power of two, times 2**22
+  s0, s1, s2 = jax.vmap(lambda c: flat_step(jnp.where(held, flat, c * big), batches[0], key0))(jnp.arange(3.0))
+  m = (s1 - s0) / big
+  dev = jnp.abs((s2 - s1) - (s1 - s0))
+  steps = (((dev <= 2.0 ** -20 * (jnp.abs(s0) + jnp.abs(s1) + jnp.abs(s2))) & (m >= 0.0))
+           | ((dev <= 4e-6 * big) & (m >= 1e-3)))
+  ema = ~held & steps & (1.0 - m > 1e-6) & jnp.isfinite(s0) & jnp.isfinite(s1) & jnp.isfinite(s2)
+  start = jnp.where(ema, 0.0, flat)
+  total, _ = jax.lax.scan(lambda t, xk: (t + flat_step(start, *xk), None), jnp.zeros_like(flat), (batches, keys))
+  ema = ema & jnp.isfinite(total)
+  new = unravel(total / (shape[0] * jnp.where(ema, 1.0 - m, 1.0)))
+  return {**variables, "batch_stats": jax.tree.map(lambda e, n, o: jnp.where(e > 0, n.astype(o.dtype), o),
+                                                   unravel(ema.astype(jnp.float32)), new, old)}
 
 
 def _as_network(network, input_shape):
