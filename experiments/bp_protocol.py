@@ -303,11 +303,12 @@ def ablate(workdir, data=None, test_per_class=500, random_sets=10, bn_batches=40
 
   Before each evaluation the BN running statistics are re-estimated for the network with those
   blocks removed (``bn_batches`` x 128 training images augmented as in training, the same for every
-  removal; momentum 0.9, so 0.9**40 = 1.5% of the old statistics remain): without it, a removal is judged mostly by how
-  far the statistics accumulated with the blocks in place are off (BN recalibration, as one-shot
-  architecture searches do; ``bpcp_jax.recalibrate_batch_stats``). Gates of 0/1 go into one
-  compiled recalibration and evaluation, so a removal costs ``bn_batches`` training-mode passes and one pass over ``test_per_class`` x classes
-  test images; results are kept in ablation/ablation.json with a fingerprint of the weights they were
+  removal; momentum 0.9, so 0.9**40 = 1.5% of the old statistics remain): without it, a removal is
+  judged mostly by how far the statistics accumulated with the blocks in place are off (BN
+  recalibration, as one-shot architecture searches do; ``bpcp_jax.recalibrate_batch_stats``).
+  Gates of 0/1 go into one compiled recalibration and evaluation, so a removal costs
+  ``bn_batches`` training-mode passes and one pass over ``test_per_class`` x classes test images
+  (the rows "BN not recalibrated": the evaluation only); results are kept in ablation/ablation.json with a fingerprint of the weights they were
   measured at, and re-running evaluates only what is new (a row run again: its accuracies again).
   """
   import jax
@@ -788,9 +789,9 @@ def check_workdir(workdir, command):
   """What ``command`` needs in ``workdir`` before it starts, or SystemExit with one line naming the
   missing folder: every command but ``run`` reads rows that ``run`` made, and calibrate and ablate
   the dense row's checkpoint."""
-  start = f"start the protocol with `python experiments/bp_protocol.py run --workdir {workdir}`"
   if command == "run":
     return
+  start = f"start the protocol with `python experiments/bp_protocol.py run --workdir {workdir}`"
   runs = os.path.join(workdir, "runs")
   if not os.path.isdir(runs):
     raise SystemExit(f"bp_protocol {command}: {workdir} holds no protocol rows (no folder {runs}); {start}")
