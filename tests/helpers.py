@@ -8,16 +8,27 @@ import bpcp_jax as bp
 
 
 def perturbed_variables(model, key, batch=2):
-  """Initialised variables with non-trivial BN statistics and biases (so masks matter)."""
-  x = jnp.zeros((batch, 32, 32, 3), jnp.float32)
-  variables = model.init(key, x, train=False)
-  k1, k2, k3 = jax.random.split(key, 3)
-  params = jax.tree.map(lambda a, k=k1: a + 0.2 * jax.random.normal(k, a.shape), variables["params"])
-  stats = variables["batch_stats"]
-  leaves, treedef = jax.tree.flatten(stats)
-  keys = jax.random.split(k2, len(leaves))
-  leaves = [jnp.abs(l + 0.3 * jax.random.normal(k, l.shape)) + 0.05 for l, k in zip(leaves, keys)]
-  return {"params": params, "batch_stats": jax.tree.unflatten(treedef, leaves)}
+  """Variables of ``model`` with non-trivial values everywhere (so masks matter): kernels of the
+  initializers' scale plus noise, BN scales near 1, biases, means and variances away from their
+  init. Drawn with numpy at the shapes ``model.init`` gives (traced, not run): a ResNet's own
+  initializers compile one random-number program per weight shape, ~15 s a network here."""
+  shapes = jax.eval_shape(lambda: model.init(key, jnp.zeros((batch, 32, 32, 3), jnp.float32), train=False))
+  rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).tolist())
+
+  def draw(path, leaf):
+    name, shape = path[-1].key, leaf.shape
+    noise = rng.standard_normal(shape)
+    if name == "kernel":
+      value = noise * np.sqrt(1.0 / np.prod(shape[:-1]) + 0.04)
+    elif name in ("scale", "var"):
+      value = np.abs(1.0 + 0.3 * noise) + 0.05
+    elif name == "mean":
+      value = 0.3 * noise
+    else:
+      value = 0.2 * noise
+    return jnp.asarray(value, leaf.dtype)
+
+  return {col: jax.tree_util.tree_map_with_path(draw, shapes[col]) for col in ("params", "batch_stats")}
 
 
 def random_masks(model, seed, *, drop_blocks=0.4, keep_channels=0.6, single_channel_group=True,
