@@ -476,12 +476,7 @@ def run(workdir, gammas, data=None, config=None, sets=(), out=OUT):
   dense = _ckpt(workdir, "dense", "pretrain")
   run_row(workdir, log, "dense", ["train"], data)
   if gammas == "auto":  # the gammas calibrate suggests for removing about 4, 8 and 12 blocks
-    path = os.path.join(workdir, "calibration.json")
-    if os.path.exists(path):
-      with open(path) as f:
-        cal = json.load(f)
-    else:
-      cal = calibrate(workdir, data)
+    cal = _read_json(os.path.join(workdir, "calibration.json")) or calibrate(workdir, data)
     gammas = sorted(float(f"{g:.3g}") for g in cal["suggested_gamma"].values())
     log["gammas"] = gammas
     _save_log(workdir, log)
