@@ -11,7 +11,11 @@ The curated public API. A typical session::
 """
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time each name loads on first use (below)
+  from bpcp_jax.families import ResNet
+  from bpcp_jax.families.spec import ArchSpec
 
 # name -> the module it lives in. Imported on first use (PEP 562), so ``import bpcp_jax`` costs
 # nothing: the command line restarts itself with a better allocator before JAX is loaded, and a
