@@ -13,7 +13,7 @@ from flax import nnx
 
 import bpcp_jax as bp
 from tests.conftest import REPO_ROOT
-from tests.helpers import random_masks
+from tests.helpers import perturbed_variables, random_masks
 
 USER_MODELS = os.path.join(REPO_ROOT, "tests", "user_models.py")
 
@@ -23,15 +23,7 @@ def test_recalibrated_statistics_are_those_of_the_pruned_network():
   mode then gives train mode's logits for it, for the network with blocks and channels removed
   (and not before: the old statistics were accumulated with them in place)."""
   net = bp.FamilyNetwork.create("resnet_v2_11", 10, image_size=16)
-  rng = np.random.default_rng(0)
-
-  def draw(s):  # random weights (drawn here: faster than net.init), vectors and statistics around 1
-    if len(s.shape) == 1:
-      return (1.0 + rng.standard_normal(s.shape)).astype(np.float32)
-    return (rng.standard_normal(s.shape) / np.sqrt(np.prod(s.shape[:-1]))).astype(np.float32)
-
-  variables = jax.tree.map(draw, jax.eval_shape(net.init, jax.random.PRNGKey(0)))
-  variables["batch_stats"] = jax.tree.map(lambda a: np.abs(a) + 0.05, variables["batch_stats"])
+  variables = perturbed_variables(net.module(), jax.random.PRNGKey(0))
   masks = random_masks(net.module(), 3, drop_blocks=0.5, drop_entry_blocks=False, single_channel_group=False)
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3), jnp.float32)
   train_logits, _ = jax.jit(lambda v: net.apply(v, x, train=True, masks=masks))(variables)

@@ -87,12 +87,7 @@ class FamilyNetwork(PrunableNetwork):
 
   # -- computing -----------------------------------------------------------------------------
   def init(self, rng) -> dict:
-    module = self.module()
-    try:
-      hash(module)
-    except TypeError:  # a spec built by hand with lists: initialised op by op, not cached
-      return dict(module.init(rng, jnp.zeros((1, *self.input_shape), jnp.float32), train=False))
-    return dict(_init_variables(module, rng, tuple(self.input_shape)))
+    return dict(_init_variables(self.module(), rng, tuple(self.input_shape)))
 
   def apply(self, variables, x, *, train, masks=None, block_gates=None, rng=None, axis_name=None):
     model = self.module(axis_name if train else None)

@@ -1,6 +1,7 @@
 """Architecture specs: which residual blocks exist and how wide every channel group is.
 
-A spec is a plain, hashable, JSON-serializable description of one network of a family.
+A spec is a plain, hashable (lists given for its sequences become tuples), JSON-serializable
+description of one network of a family.
 A pruned network is the same family with a smaller spec, so the spec is all a checkpoint
 needs to rebuild the module. Blocks keep the index they had in the dense network, which keeps
 parameter names and mask keys stable through pruning (``stage1_block4`` stays ``stage1_block4``).
@@ -32,6 +33,9 @@ class BlockSpec:
   index: int
   widths: tuple[int, ...]
 
+  def __post_init__(self):
+    object.__setattr__(self, "widths", tuple(self.widths))
+
 
 @dataclasses.dataclass(frozen=True)
 class StageSpec:
@@ -41,6 +45,9 @@ class StageSpec:
   stride: int
   shortcut: bool
   blocks: tuple[BlockSpec, ...]
+
+  def __post_init__(self):
+    object.__setattr__(self, "blocks", tuple(self.blocks))
 
   @property
   def has_entry_block(self) -> bool:
@@ -58,6 +65,8 @@ class ArchSpec:
   dense_depth: int  # depth of the dense network this spec descends from (for names only)
 
   def __post_init__(self):
+    # sequences become tuples, so that every spec is hashable (a static argument under jit)
+    object.__setattr__(self, "stages", tuple(self.stages))
     if self.family not in FAMILIES:
       raise ValueError(f"unknown family {self.family!r}; known families: {', '.join(FAMILIES)}")
 
