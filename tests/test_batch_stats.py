@@ -190,7 +190,7 @@ def test_exact_average_at_momentum_zero_and_with_large_statistics():
       np.testing.assert_allclose(new[layer][k], want[k], rtol=1e-4)
 
 
-def test_recalibration_refuses_unnormalized_images_unbatched_inputs_and_nnx_modules():
+def test_recalibration_refuses_unnormalized_images_unbatched_inputs_and_other_objects():
   module = _ConvBN()
   variables = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
   with pytest.raises(TypeError, match="batches are uint8; expected floating-point"):
@@ -198,8 +198,15 @@ def test_recalibration_refuses_unnormalized_images_unbatched_inputs_and_nnx_modu
   # [B, H, W, C] without N: a plain module has no input shape to check against, its output has
   with pytest.raises(ValueError, match=r"_ConvBN maps a batch of shape \(8, 8, 3\) to an output of shape \(3,\)"):
     bp.recalibrate_batch_stats(module, variables, np.zeros((4, 8, 8, 3), np.float32))
-  with pytest.raises(TypeError, match="network is a Linear; .*an NNX module updates its statistics in place"):
-    bp.recalibrate_batch_stats(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), variables, np.zeros((2, 4, 2), np.float32))
+  with pytest.raises(TypeError, match="network is a method; expected a PrunableNetwork .* or a flax.nnx module"):
+    bp.recalibrate_batch_stats(module.apply, variables, np.zeros((2, 4, 8, 8, 3), np.float32))
+  # an NNX module: masks are for traced networks, the materialized module is what is recalibrated
+  lin = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="Linear: masks and block_gates are for traced networks; .*bp.materialize_nnx"):
+    bp.recalibrate_batch_stats(lin, {"params": {}, "batch_stats": {"x": jnp.zeros(2)}}, np.zeros((2, 4, 2), np.float32),
+                               masks={})
+  with pytest.raises(ValueError, match="Linear has no nnx.BatchStat variables"):
+    bp.recalibrate_nnx(lin, np.zeros((2, 4, 2), np.float32))
 
 
 def test_recalibration_averages_the_statistics_over_the_mapped_axis():

@@ -138,6 +138,65 @@ def test_nnx_cnn_pruned_and_materialized_equals_masked_in_eval_and_train_mode():
   _close(_run(restored, X), evaluated)
 
 
+def test_nnx_materialized_module_recalibrates_its_batch_statistics():
+  """bp.recalibrate_nnx on materialize_nnx's module: "exact" on one batch gives that batch's
+  statistics (eval mode == train mode on it, not before); "momentum" equals NNX's own train-mode
+  calls in place; the parameters and the module given are left as they were."""
+  model = _model(rate=0.3)
+  net, variables = bp.trace_nnx(model, X)
+  small, _ = bp.materialize_nnx(net, variables, _masks(net, remove=("blocks/0",)), X)
+  before = nnx.to_pure_dict(nnx.state(small, nnx.BatchStat))
+  new = bp.recalibrate_nnx(small, np.stack([X, X]))
+  assert type(new) is CNN and isinstance(new.blocks[0], bp.Skipped) and new is not small
+  _close(nnx.to_pure_dict(nnx.state(small, nnx.BatchStat)), before)
+  _close(nnx.to_pure_dict(nnx.state(new, nnx.Param)), nnx.to_pure_dict(nnx.state(small, nnx.Param)))
+  # dropout sits after every BatchNorm, so the train mode's features before it are deterministic
+  features = nnx.jit(lambda m, x: m.fc(jnp.mean(nnx.relu(m.dw(_trunk(m, x))), axis=(1, 2))))
+  for m in (small, new):
+    m.train()
+  train_features = features(nnx.clone(small), X)
+  for m in (small, new):
+    m.eval()
+  assert float(jnp.max(jnp.abs(features(small, X) - train_features))) > 1e-2
+  _close(features(new, X), train_features)
+
+  batches = np.random.default_rng(3).normal(size=(3, *X.shape)).astype(np.float32)
+  by_momentum = bp.recalibrate_nnx(small, batches, average="momentum")
+  by_hand = nnx.clone(small)
+  by_hand.train()
+  for b in batches:
+    _run(by_hand, b)
+  _close(nnx.to_pure_dict(nnx.state(by_momentum, nnx.BatchStat)), nnx.to_pure_dict(nnx.state(by_hand, nnx.BatchStat)))
+  # the variables-dict form returns the dict
+  as_dict = bp.recalibrate_batch_stats(small, bp.NnxNetwork.of(small).variables(), batches, average="momentum")
+  _close(as_dict["batch_stats"], nnx.to_pure_dict(nnx.state(by_hand, nnx.BatchStat)))
+
+
+def _trunk(m, x):
+  h = nnx.relu(m.bn(m.stem(x)))
+  for b in m.blocks:
+    h = b(h)
+  return h
+
+
+def test_nnx_recalibration_reseeds_dropout_from_the_key():
+  class DropBN(nnx.Module):
+    def __init__(self, rngs):
+      self.drop, self.bn = nnx.Dropout(0.5, rngs=rngs), nnx.BatchNorm(4, rngs=rngs)
+
+    def __call__(self, x):
+      return self.bn(self.drop(x))
+
+  m = DropBN(nnx.Rngs(0))
+  batches = np.random.default_rng(0).normal(size=(2, 8, 4)).astype(np.float32) + 2.0
+  stats = {k: nnx.to_pure_dict(nnx.state(bp.recalibrate_nnx(m, batches, rng=jax.random.key(k)), nnx.BatchStat))
+           for k in (0, 0, 1)}
+  a, b = (np.asarray(stats[k]["bn"]["mean"]) for k in (0, 1))
+  assert not np.allclose(a, b)
+  again = nnx.to_pure_dict(nnx.state(bp.recalibrate_nnx(m, batches, rng=jax.random.key(0)), nnx.BatchStat))
+  np.testing.assert_array_equal(again["bn"]["mean"], a)
+
+
 def test_nnx_dropout_network_materialized():
   net, variables = bp.trace_nnx(_model(), X)
   masks = _masks(net, remove=("blocks/1",))

@@ -20,6 +20,9 @@ residual block (the one whose call returns ``x + f(x)``, located from the trace 
 the traced ``PrunedNetwork`` in every traced mode; what cannot be materialized raises
 ``RebuildError`` naming the module path and the reason.
 
+``recalibrate_nnx`` re-estimates the batch-norm statistics of such a module (``NnxTrainPass`` is the
+train-mode forward it runs) with ``training/batch_stats.py``.
+
 The plan has the linen format (``{"layers": {path: {attribute: value}}, "removed_blocks": [...]}``),
 here with every layer's shape attributes, and rebuilds a checkpoint: ``narrow_nnx(factory(), plan,
 state)``. A materialized module can be traced and pruned again; the plan then covers both rounds.
@@ -163,6 +166,65 @@ def trace_nnx(model: nnx.Module, *example_inputs, modes: Optional[Mapping] = Non
     train = {"train": True, **({"mutable": ["batch_stats"]} if "batch_stats" in variables else {})}
     modes = {"eval": {}, "train": train}
   return trace_network(adapter, variables, *example_inputs, modes=modes), variables
+
+
+@dataclasses.dataclass(eq=False)
+class NnxTrainPass:
+  """What ``recalibrate_batch_stats`` runs of an NNX module: a train-mode forward
+  ``apply(variables, x, train=True, rng=None) -> (outputs, batch_stats)`` on a copy (``model.train()``,
+  the variables written in), its dropout streams reseeded from ``rng`` when one is given."""
+
+  adapter: NnxNetwork
+  input_shape: tuple
+  label: str
+
+  @classmethod
+  def of(cls, model: nnx.Module, input_shape) -> "NnxTrainPass":
+    return cls(NnxNetwork.of(model), tuple(input_shape), type(model).__qualname__)
+
+  def apply(self, variables, x, *, train, masks=None, block_gates=None, rng=None, axis_name=None):
+    if masks is not None or block_gates is not None:
+      raise ValueError(f"{self.label}: masks and block_gates are for traced networks; materialize the pruned "
+                       "network with bp.materialize_nnx first, then recalibrate the smaller module")
+    if axis_name is not None:
+      raise ValueError(f"{self.label}: an NNX BatchNorm averages over the devices named by its own axis_name "
+                       "attribute; call without axis_name")
+    model = self.adapter.merge()
+    _write(model, leaves_by_path(variables))
+    model.train() if train else model.eval()
+    if rng is not None:
+      streams = {node.tag for _, node in nnx.iter_graph(model) if isinstance(node, nnx.RngStream)}
+      if streams:
+        nnx.reseed(model, policy="match_shape", **{tag: jax.random.fold_in(rng, i)
+                                                   for i, tag in enumerate(sorted(streams))})
+    out = model(x)
+    return (out, _collect(model, "batch_stats")) if train else out
+
+
+def recalibrate_nnx(model: nnx.Module, batches, *, rng: Optional[jax.Array] = None,
+                    average: str = "exact") -> nnx.Module:
+  """A copy of ``model`` with its ``nnx.BatchStat`` statistics re-estimated on ``batches``
+  ``[N, B, *input_shape]`` (floating point, preprocessed as in training), the parameters untouched;
+  ``model`` itself is left as it was. What ``bp.recalibrate_batch_stats`` does for Flax modules
+  (see it for ``average``): the train-mode passes run ``model.train()`` forwards on copies, one
+  compiled program. ``rng``: a key split per batch, reseeding the module's RNG streams (dropout);
+  without one every pass draws from the streams as they are now. Use it on ``bp.materialize_nnx``'s
+  smaller module: with blocks removed, the old statistics no longer describe what later layers see.
+  Raises ``ValueError`` when the module has no ``nnx.BatchStat`` and for batches of the wrong shape,
+  ``TypeError`` for integer batches, as ``recalibrate_batch_stats`` does."""
+  from bpcp_jax.training.batch_stats import recalibrate_batch_stats
+
+  if not isinstance(model, nnx.Module):
+    raise TypeError(f"recalibrate_nnx: expected a flax.nnx.Module, got {type(model).__qualname__}")
+  adapter = NnxNetwork.of(model)
+  variables = adapter.variables()
+  if "batch_stats" not in variables:
+    raise ValueError(f"recalibrate_nnx: {type(model).__qualname__} has no nnx.BatchStat variables (no batch "
+                     "normalization): nothing to recalibrate")
+  new = jax.jit(lambda v, b, k: recalibrate_batch_stats(model, v, b, rng=k, average=average))(variables, batches, rng)
+  out = adapter.merge()
+  _write(out, leaves_by_path({"batch_stats": new["batch_stats"]}))
+  return out
 
 
 def _record_calls(adapter: NnxNetwork, variables, inputs, modes: Mapping) -> dict:

@@ -25,9 +25,11 @@ def recalibrate_batch_stats(network, variables: Mapping, batches, *, masks: Opti
                             axis_name: Optional[str] = None, average: str = "exact") -> dict:
   """``variables`` with ``batch_stats`` re-estimated on ``batches``; the parameters are untouched.
 
-  ``network``: a ``PrunableNetwork``, a family ``ResNet`` (e.g. ``bp.materialize``'s) or any
-  ``flax.linen`` module whose ``__call__`` takes ``train`` or ``deterministic`` (a module has no
-  declared input shape: its inputs are taken to be ``batches.shape[2:]``). ``batches``: one
+  ``network``: a ``PrunableNetwork``, a family ``ResNet`` (e.g. ``bp.materialize``'s), any
+  ``flax.linen`` module whose ``__call__`` takes ``train`` or ``deterministic``, or a ``flax.nnx``
+  module with ``variables`` in the layout ``bp.NnxNetwork.variables()`` gives (``bp.recalibrate_nnx``
+  returns the module itself recalibrated). A module has no declared input shape: its inputs are
+  taken to be ``batches.shape[2:]``. ``batches``: one
   floating-point array ``[N, B, *network.input_shape]``, network inputs preprocessed as in training
   (augmented training images are best: the statistics are then those the weights were trained
   with). ``masks`` / ``block_gates``: the structure to recalibrate for, as ``network.apply`` takes
@@ -61,7 +63,7 @@ def recalibrate_batch_stats(network, variables: Mapping, batches, *, masks: Opti
   plain module: when its output is not ``[B, ...]``), and when ``variables`` has no
   ``batch_stats`` (a network without batch normalization has nothing to recalibrate);
   ``TypeError`` naming the dtype for batches that are not floating point (e.g. uint8 images not
-  yet normalized) and naming the type of a ``network`` it cannot run (e.g. an ``nnx.Module``);
+  yet normalized) and naming the type of a ``network`` it cannot run;
   ``ValueError`` for another ``average``.
   """
   import flax
@@ -146,7 +148,9 @@ def _as_network(network, input_shape):
     return FamilyNetwork.of(network, image_size=input_shape[0] if input_shape else 32)
   if isinstance(network, nn.Module):
     return FlaxNetwork(network, input_shape, label=type(network).__name__)
-  hint = ("; an NNX module updates its statistics in place when called after model.train()"
-          if isinstance(network, nnx.Module) else "")
+  if isinstance(network, nnx.Module):
+    from bpcp_jax.tracer.nnx import NnxTrainPass
+
+    return NnxTrainPass.of(network, input_shape)
   raise TypeError(f"recalibrate_batch_stats: network is a {type(network).__name__}; expected a PrunableNetwork "
-                  f"(bp.FamilyNetwork, bp.FlaxNetwork) or a flax.linen module{hint}")
+                  "(bp.FamilyNetwork, bp.FlaxNetwork), a flax.linen module or a flax.nnx module")
