@@ -201,12 +201,11 @@ def test_recalibration_refuses_unnormalized_images_unbatched_inputs_and_other_ob
   with pytest.raises(TypeError, match="network is a method; expected a PrunableNetwork .* or a flax.nnx module"):
     bp.recalibrate_batch_stats(module.apply, variables, np.zeros((2, 4, 8, 8, 3), np.float32))
   # an NNX module: masks are for traced networks, the materialized module is what is recalibrated
-  lin = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match="Linear: masks and block_gates are for traced networks; .*bp.materialize_nnx"):
-    bp.recalibrate_batch_stats(lin, {"params": {}, "batch_stats": {"x": jnp.zeros(2)}}, np.zeros((2, 4, 2), np.float32),
-                               masks={})
+  bn = nnx.BatchNorm(2, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="BatchNorm: masks and block_gates are for traced networks; .*materialize_nnx"):
+    bp.recalibrate_batch_stats(bn, bp.NnxNetwork.of(bn).variables(), np.zeros((2, 4, 2), np.float32), masks={})
   with pytest.raises(ValueError, match="Linear has no nnx.BatchStat variables"):
-    bp.recalibrate_nnx(lin, np.zeros((2, 4, 2), np.float32))
+    bp.recalibrate_nnx(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), np.zeros((2, 4, 2), np.float32))
 
 
 def test_recalibration_averages_the_statistics_over_the_mapped_axis():

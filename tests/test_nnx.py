@@ -197,6 +197,52 @@ def test_nnx_recalibration_reseeds_dropout_from_the_key():
   np.testing.assert_array_equal(again["bn"]["mean"], a)
 
 
+class _FlagBN(nnx.Module):
+  """A module ported from linen: its BatchNorm's mode comes from a ``train`` argument; returns a tuple."""
+
+  def __init__(self, rngs, frozen=False):
+    self.lin, self.bn, self.frozen = nnx.Linear(4, 4, rngs=rngs), nnx.BatchNorm(4, rngs=rngs), frozen
+
+  def __call__(self, x, train: bool = False):
+    h = self.bn(self.lin(x), use_running_average=self.frozen or not train)
+    return h, jnp.sum(h, axis=-1)
+
+
+def test_nnx_recalibration_passes_the_train_argument_and_refuses_what_changes_nothing():
+  batches = np.random.default_rng(0).normal(size=(3, 6, 4)).astype(np.float32) + 1.0
+  model = _FlagBN(nnx.Rngs(0))
+  new = bp.recalibrate_nnx(model, batches)
+  h = np.einsum("nbi,io->nbo", batches, np.asarray(model.lin.kernel.get_value())) + np.asarray(model.lin.bias.get_value())
+  np.testing.assert_allclose(new.bn.mean.get_value(), h.mean(1).mean(0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(new.bn.var.get_value(), h.var(1).mean(0), rtol=1e-5, atol=1e-6)
+  # the same module traced: its train mode updates the statistics (train=True reaches the BatchNorm)
+  net, variables = bp.trace_nnx(model, batches[0])
+  _, updates = bp.masked_apply(net, variables, bp.init_traced_masks(net), batches[0], mode="train")
+  assert not np.allclose(updates["batch_stats"]["bn"]["mean"], variables["batch_stats"]["bn"]["mean"])
+  with pytest.raises(ValueError, match="no running statistic of _FlagBN changed .*use_running_average=True"):
+    bp.recalibrate_nnx(_FlagBN(nnx.Rngs(0), frozen=True), batches)
+  with pytest.raises(ValueError, match=r"batches have shape \(6, 4\); expected \[N, B, \*input_shape\]"):
+    bp.recalibrate_nnx(model, batches[0])
+  with pytest.raises(TypeError, match=r"rng has shape \(\) and dtype int32; expected a key"):
+    bp.recalibrate_nnx(model, batches, rng=0)
+  # the variables-dict form checks the variables against the module
+  with pytest.raises(TypeError, match="variables are a State; expected the nested dicts"):
+    bp.recalibrate_batch_stats(model, nnx.state(model), batches)
+  wrong = bp.NnxNetwork.of(model).variables()
+  wrong["params"]["linear"] = wrong["params"].pop("lin")
+  with pytest.raises(ValueError, match=r"variables do not fit the module: missing \['params/lin/bias'"):
+    bp.recalibrate_batch_stats(model, wrong, batches)
+
+
+def test_nnx_recalibration_compiles_once_per_module_structure():
+  batches = np.random.default_rng(0).normal(size=(2, 6, 4)).astype(np.float32)
+  bp.recalibrate_nnx(_FlagBN(nnx.Rngs(0)), batches)
+  size = bnnx._recalibrated._cache_size()
+  for seed in (1, 2):  # other modules of the same structure, other values
+    bp.recalibrate_nnx(_FlagBN(nnx.Rngs(seed)), batches + seed)
+  assert bnnx._recalibrated._cache_size() == size
+
+
 def test_nnx_dropout_network_materialized():
   net, variables = bp.trace_nnx(_model(), X)
   masks = _masks(net, remove=("blocks/1",))

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from typing import Any, Mapping, Optional
 
 import jax
@@ -39,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bpcp_jax.tracer.provider import mode_kwargs
 from bpcp_jax.tracer.network import TracedNetwork, leaves_by_path, materialize_traced, trace_network
 from bpcp_jax.tracer.rebuild import (PLAN_FORMAT, conv_groups, draws_random_numbers, RebuildError, RebuildReport, _Call, _check_plan, _concrete_inputs,
                                      _max_diff, _shapes, removed_block_modules)
@@ -144,12 +146,23 @@ class NnxNetwork:
     out = {col: _collect(model, col) for col in COLLECTIONS}
     return {col: tree for col, tree in out.items() if tree}
 
-  def apply(self, variables, *inputs, train: bool = False, mutable=False, _recorder: Optional[dict] = None):
+  def apply(self, variables, *inputs, train: bool = False, mutable=False, rng: Optional[jax.Array] = None,
+            _recorder: Optional[dict] = None):
+    """``model(*inputs)`` on a copy with ``variables`` written in, after ``model.train()`` or
+    ``model.eval()`` and with ``train=``/``deterministic=`` passed when ``__call__`` takes one (a
+    module ported from linen may set its BatchNorms' mode from it). ``rng``: a key the copy's RNG
+    streams (dropout) are reseeded from, one ``fold_in`` per stream; without one they draw as they
+    are in the snapshot. ``mutable``: collections to return the updated values of, as linen does."""
     model = self.merge()
     _write(model, leaves_by_path(variables))
     model.train() if train else model.eval()
+    if rng is not None:
+      streams = sorted({node.tag for _, node in nnx.iter_graph(model) if isinstance(node, nnx.RngStream)})
+      if streams:
+        nnx.reseed(model, policy="match_shape", **{tag: jax.random.fold_in(rng, i) for i, tag in enumerate(streams)})
+    kwargs = mode_kwargs(model, train)
     _scoped(model, _recorder)
-    out = model(*inputs)
+    out = model(*inputs, **kwargs)
     if not mutable:
       return out
     cols = list(COLLECTIONS) if mutable is True else [mutable] if isinstance(mutable, str) else list(mutable)
@@ -170,9 +183,8 @@ def trace_nnx(model: nnx.Module, *example_inputs, modes: Optional[Mapping] = Non
 
 @dataclasses.dataclass(eq=False)
 class NnxTrainPass:
-  """What ``recalibrate_batch_stats`` runs of an NNX module: a train-mode forward
-  ``apply(variables, x, train=True, rng=None) -> (outputs, batch_stats)`` on a copy (``model.train()``,
-  the variables written in), its dropout streams reseeded from ``rng`` when one is given."""
+  """What ``recalibrate_batch_stats`` runs of an NNX module: ``apply(variables, x, train=True,
+  rng=None) -> (outputs, batch_stats)`` (``NnxNetwork.apply``), and ``check_variables``."""
 
   adapter: NnxNetwork
   input_shape: tuple
@@ -182,6 +194,16 @@ class NnxTrainPass:
   def of(cls, model: nnx.Module, input_shape) -> "NnxTrainPass":
     return cls(NnxNetwork.of(model), tuple(input_shape), type(model).__qualname__)
 
+  def check_variables(self, variables) -> None:
+    """Raise ``TypeError``/``ValueError`` unless ``variables`` has the module's layout and paths."""
+    if not isinstance(variables, Mapping) or isinstance(variables, nnx.State):
+      raise TypeError(f"{self.label}: variables are a {type(variables).__name__}; expected the nested dicts "
+                      "bp.NnxNetwork.of(model).variables() gives (or call bp.recalibrate_nnx(model, batches))")
+    want, got = set(leaves_by_path(self.adapter.variables())), set(leaves_by_path(variables))
+    if want != got:
+      raise ValueError(f"{self.label}: variables do not fit the module: missing {sorted(want - got)[:5]}, unknown "
+                       f"{sorted(got - want)[:5]} (expected the layout bp.NnxNetwork.of(model).variables() gives)")
+
   def apply(self, variables, x, *, train, masks=None, block_gates=None, rng=None, axis_name=None):
     if masks is not None or block_gates is not None:
       raise ValueError(f"{self.label}: masks and block_gates are for traced networks; materialize the pruned "
@@ -189,41 +211,56 @@ class NnxTrainPass:
     if axis_name is not None:
       raise ValueError(f"{self.label}: an NNX BatchNorm averages over the devices named by its own axis_name "
                        "attribute; call without axis_name")
-    model = self.adapter.merge()
-    _write(model, leaves_by_path(variables))
-    model.train() if train else model.eval()
-    if rng is not None:
-      streams = {node.tag for _, node in nnx.iter_graph(model) if isinstance(node, nnx.RngStream)}
-      if streams:
-        nnx.reseed(model, policy="match_shape", **{tag: jax.random.fold_in(rng, i)
-                                                   for i, tag in enumerate(sorted(streams))})
-    out = model(x)
-    return (out, _collect(model, "batch_stats")) if train else out
+    if not train:
+      return self.adapter.apply(variables, x, rng=rng)
+    out, cols = self.adapter.apply(variables, x, train=True, mutable=["batch_stats"], rng=rng)
+    return out, cols["batch_stats"]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "input_shape", "label", "average"))
+def _recalibrated(graphdef, state, batches, rng, *, input_shape, label, average):
+  """``(old, new)`` batch statistics of the module ``nnx.merge(graphdef, state)``: one compiled
+  program per module structure, batch shape and ``average``."""
+  from bpcp_jax.training.batch_stats import recalibrate_batch_stats
+
+  net = NnxTrainPass(NnxNetwork(graphdef, state), input_shape, label)
+  variables = net.adapter.variables()
+  return variables["batch_stats"], recalibrate_batch_stats(net, variables, batches, rng=rng,
+                                                           average=average)["batch_stats"]
 
 
 def recalibrate_nnx(model: nnx.Module, batches, *, rng: Optional[jax.Array] = None,
                     average: str = "exact") -> nnx.Module:
-  """A copy of ``model`` with its ``nnx.BatchStat`` statistics re-estimated on ``batches``
+  """A **copy** of ``model`` with its ``nnx.BatchStat`` statistics re-estimated on ``batches``
   ``[N, B, *input_shape]`` (floating point, preprocessed as in training), the parameters untouched;
-  ``model`` itself is left as it was. What ``bp.recalibrate_batch_stats`` does for Flax modules
-  (see it for ``average``): the train-mode passes run ``model.train()`` forwards on copies, one
-  compiled program. ``rng``: a key split per batch, reseeding the module's RNG streams (dropout);
-  without one every pass draws from the streams as they are now. Use it on ``bp.materialize_nnx``'s
-  smaller module: with blocks removed, the old statistics no longer describe what later layers see.
-  Raises ``ValueError`` when the module has no ``nnx.BatchStat`` and for batches of the wrong shape,
-  ``TypeError`` for integer batches, as ``recalibrate_batch_stats`` does."""
-  from bpcp_jax.training.batch_stats import recalibrate_batch_stats
+  ``model`` itself is left as it was (keep the result: ``model = bp.recalibrate_nnx(model, b)``).
+  What ``bp.recalibrate_batch_stats`` does for Flax modules (see it for ``average`` and a layer
+  called twice): the passes call ``model(x)`` on copies after ``model.train()``, passing
+  ``train=True``/``deterministic=False`` when ``__call__`` takes one, as one compiled program per
+  module structure and batch shape. ``rng``: a key split per batch, reseeding the module's RNG
+  streams (dropout); without one, every batch sees the same dropout masks (those the streams give
+  now). Use it on ``bp.materialize_nnx``'s smaller module: with blocks removed, the old statistics
+  no longer describe what later layers see.
 
+  Raises ``ValueError`` when the module has no ``nnx.BatchStat``, when no statistic changed in a
+  train-mode pass (a ``__call__`` that fixes ``use_running_average=True``), and for batches of the
+  wrong shape; ``TypeError`` for integer batches or an ``rng`` that is not a key."""
   if not isinstance(model, nnx.Module):
     raise TypeError(f"recalibrate_nnx: expected a flax.nnx.Module, got {type(model).__qualname__}")
   adapter = NnxNetwork.of(model)
-  variables = adapter.variables()
-  if "batch_stats" not in variables:
-    raise ValueError(f"recalibrate_nnx: {type(model).__qualname__} has no nnx.BatchStat variables (no batch "
-                     "normalization): nothing to recalibrate")
-  new = jax.jit(lambda v, b, k: recalibrate_batch_stats(model, v, b, rng=k, average=average))(variables, batches, rng)
+  label = type(model).__qualname__
+  if "batch_stats" not in adapter.variables():
+    raise ValueError(f"recalibrate_nnx: {label} has no nnx.BatchStat variables (no batch normalization): "
+                     "nothing to recalibrate")
+  batches = jnp.asarray(batches)
+  old, new = _recalibrated(adapter.graphdef, adapter.state, batches, rng, input_shape=tuple(batches.shape[2:]),
+                           label=label, average=average)
+  if all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new))):
+    raise ValueError(f"recalibrate_nnx: no running statistic of {label} changed in a train-mode pass; does its "
+                     "__call__ fix use_running_average=True (the mode set by model.train() and a train/"
+                     "deterministic argument is not reaching its BatchNorms)?")
   out = adapter.merge()
-  _write(out, leaves_by_path({"batch_stats": new["batch_stats"]}))
+  _write(out, leaves_by_path({"batch_stats": new}))
   return out
 
 

@@ -49,7 +49,8 @@ def recalibrate_batch_stats(network, variables: Mapping, batches, *, masks: Opti
   the averages after it are fed by the forward the network computes: one a pass leaves unchanged (a
   ``BatchNorm`` frozen with ``use_running_average=True``), a spectral norm's power-iteration state.
   One that is a moving average and also read by the train-mode forward (batch renormalization's)
-  needs ``average="momentum"``.
+  needs ``average="momentum"``. A layer called twice in one forward (a shared BatchNorm) updates
+  twice a pass: its result weights the two calls' statistics ``m : 1``, as training does.
   ``average="momentum"``: N passes, each moving the running statistics by the layers' momentum,
   as training would: ``m**N`` of the old statistics remain (the families' ``m = 0.9``: 40 batches
   leave 1.5%; ``flax.linen.BatchNorm``'s default ``m = 0.99``: 67%, and 1% takes 459 batches).
@@ -60,17 +61,26 @@ def recalibrate_batch_stats(network, variables: Mapping, batches, *, masks: Opti
   had.
 
   Raises ``ValueError`` naming the shapes when ``batches`` is not ``[N, B, *input_shape]`` (for a
-  plain module: when its output is not ``[B, ...]``), and when ``variables`` has no
-  ``batch_stats`` (a network without batch normalization has nothing to recalibrate);
-  ``TypeError`` naming the dtype for batches that are not floating point (e.g. uint8 images not
-  yet normalized) and naming the type of a ``network`` it cannot run;
-  ``ValueError`` for another ``average``.
+  plain module: when it has fewer than 3 dimensions or its output is not ``[B, ...]``), and when
+  ``variables`` has no ``batch_stats`` (a network without batch normalization has nothing to
+  recalibrate); ``TypeError`` naming the dtype for batches that are not floating point (e.g. uint8
+  images not yet normalized), for an ``rng`` that is not a key, and naming the type of a
+  ``network`` it cannot run; ``ValueError`` for another ``average``.
   """
   import flax
 
   batches = jnp.asarray(batches)
   shape = tuple(batches.shape)
+  if len(shape) < 3:
+    raise ValueError(f"recalibrate_batch_stats: batches have shape {shape}; expected [N, B, *input_shape] (N batches "
+                     "of B inputs each)")
+  if rng is not None and not (jnp.issubdtype(jnp.result_type(rng), jax.dtypes.prng_key)
+                              or (jnp.result_type(rng) == jnp.uint32 and np.ndim(rng) == 1)):
+    raise TypeError(f"recalibrate_batch_stats: rng has shape {np.shape(rng)} and dtype {jnp.result_type(rng)}; "
+                    "expected a key (jax.random.key or jax.random.PRNGKey)")
   network = _as_network(network, shape[2:])
+  if hasattr(network, "check_variables"):  # an NNX module's: its own layout, named paths
+    network.check_variables(variables)
   want = tuple(network.input_shape)
   if len(shape) != len(want) + 2 or shape[2:] != want or not shape[0] or not shape[1]:
     raise ValueError(f"recalibrate_batch_stats: batches have shape {shape}; expected [N, B, *input_shape] = "
@@ -89,9 +99,10 @@ def recalibrate_batch_stats(network, variables: Mapping, batches, *, masks: Opti
   def step(stats, x, key):  # one train-mode pass: the running statistics after it
     logits, new = network.apply({**variables, "batch_stats": stats}, x, train=True, masks=masks,
                                 block_gates=block_gates, rng=key, axis_name=axis_name)
-    if np.shape(logits)[:1] != shape[1:2]:
+    first = (jax.tree.leaves(logits) or [None])[0]  # outputs may be a tuple or dict of arrays
+    if np.shape(first)[:1] != shape[1:2]:
       raise ValueError(f"recalibrate_batch_stats: {getattr(network, 'label', network)} maps a batch of shape "
-                       f"{shape[1:]} to an output of shape {np.shape(logits)}, not [{shape[1]}, ...]; batches must "
+                       f"{shape[1:]} to an output of shape {np.shape(first)}, not [{shape[1]}, ...]; batches must "
                        "be [N, B, *input_shape]")
     return jax.tree.map(lambda a, b: a.astype(b.dtype), new, stats)
 
@@ -148,9 +159,11 @@ def _as_network(network, input_shape):
     return FamilyNetwork.of(network, image_size=input_shape[0] if input_shape else 32)
   if isinstance(network, nn.Module):
     return FlaxNetwork(network, input_shape, label=type(network).__name__)
-  if isinstance(network, nnx.Module):
-    from bpcp_jax.tracer.nnx import NnxTrainPass
+  from bpcp_jax.tracer.nnx import NnxTrainPass
 
+  if isinstance(network, NnxTrainPass):
+    return network
+  if isinstance(network, nnx.Module):
     return NnxTrainPass.of(network, input_shape)
   raise TypeError(f"recalibrate_batch_stats: network is a {type(network).__name__}; expected a PrunableNetwork "
                   "(bp.FamilyNetwork, bp.FlaxNetwork), a flax.linen module or a flax.nnx module")
