@@ -47,14 +47,16 @@ def test_traced_provider_on_a_family_equals_the_declared_one(name):
   masks = random_masks(model, seed=3)
   tmasks = {"blocks": masks["blocks"], "channels": {n: masks["channels"][d] for n, d in to_declared.items()}}
   x = jax.random.normal(jax.random.PRNGKey(1), (3, 32, 32, 3))
-  a = family.apply(variables, x, train=False, masks=masks)
-  b = traced.apply(variables, x, train=False, masks=tmasks)
+  def evaluate(net, v, m=None):  # jitted: one compilation, not one per op and shape
+    return jax.jit(lambda v, m: net.apply(v, x, train=False, masks=m))(v, m)
+
+  a, b = evaluate(family, variables, masks), evaluate(traced, variables, tmasks)
   np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
   small_f, vars_f = family.materialize(variables, masks)
   small_t, vars_t = traced.materialize(variables, tmasks)
-  np.testing.assert_allclose(small_f.apply(vars_f, x, train=False), small_t.apply(vars_t, x, train=False),
-                             atol=1e-5, rtol=1e-5)
-  np.testing.assert_allclose(small_f.apply(vars_f, x, train=False), a, atol=1e-5, rtol=1e-5)
+  out_f = evaluate(small_f, vars_f)
+  np.testing.assert_allclose(out_f, evaluate(small_t, vars_t), atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(out_f, a, atol=1e-5, rtol=1e-5)
   assert small_t.counts() == small_f.counts()
 
 

@@ -1,5 +1,7 @@
 """Materialization preserves the function: masked logits == materialized logits."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,15 +19,21 @@ CASES = [  # every family at two depths
 ]
 
 
+@functools.partial(jax.jit, static_argnames=("model", "train"))
+def _apply(model, variables, x, masks=None, train=False):
+  """``model.apply`` compiled once per network and mode (op by op, a ResNet's forward compiles an
+  op per shape, seconds a network)."""
+  if train:
+    return model.apply(variables, x, train=True, masks=masks, mutable=["batch_stats"])
+  return model.apply(variables, x, train=False, masks=masks)
+
+
 def _check_equivalent(model, variables, masks, x, train=False):
   small, small_vars = bp.materialize(model, variables, masks)
   assert small.spec == bp.pruned_spec(model.spec, masks)
+  masked, out = _apply(model, variables, x, masks, train=train), _apply(small, small_vars, x, train=train)
   if train:
-    masked, _ = model.apply(variables, x, train=True, masks=masks, mutable=["batch_stats"])
-    out, _ = small.apply(small_vars, x, train=True, mutable=["batch_stats"])
-  else:
-    masked = model.apply(variables, x, train=False, masks=masks)
-    out = small.apply(small_vars, x, train=False)
+    masked, out = masked[0], out[0]
   np.testing.assert_allclose(out, masked, rtol=1e-5, atol=1e-5 * float(jnp.abs(masked).max()))
   return small, small_vars
 
@@ -53,8 +61,8 @@ def test_train_mode_outputs_and_stats_match(name):
   masks = random_masks(model, 3)
   x = images(jax.random.key(2), 8)
   small, small_vars = bp.materialize(model, variables, masks)
-  masked, upd = model.apply(variables, x, train=True, masks=masks, mutable=["batch_stats"])
-  out, small_upd = small.apply(small_vars, x, train=True, mutable=["batch_stats"])
+  masked, upd = _apply(model, variables, x, masks, train=True)
+  out, small_upd = _apply(small, small_vars, x, train=True)
   np.testing.assert_allclose(out, masked, rtol=1e-4, atol=1e-4 * float(jnp.abs(masked).max()))
   # updated running statistics of the kept channels agree too
   _, resliced = bp.materialize(model, {"params": variables["params"], **upd}, masks)
@@ -124,3 +132,26 @@ def test_optimizer_state_is_sliced_and_training_continues():
   np.testing.assert_array_equal(np.asarray(big_mu)[keep], small_mu)
   updates, _ = tx.update(jax.tree.map(jnp.ones_like, small_trainable), small_opt, small_trainable)
   optax.apply_updates(small_trainable, updates)
+
+
+def test_take_kept_slices_concrete_values_on_the_host_and_traced_ones_with_jax():
+  from bpcp_jax.pruning.masks import take_kept
+
+  x = np.arange(2 * 5 * 6, dtype=np.float32).reshape(2, 5, 6)
+  idx = (None, np.array([0, 3]), np.array([1, 2, 5]))
+  want = x[:, [0, 3]][:, :, [1, 2, 5]]
+  np.testing.assert_array_equal(take_kept(x, idx), want)
+  assert isinstance(take_kept(x, idx), np.ndarray)
+  on_device = jax.device_put(jnp.asarray(x, jnp.bfloat16), jax.devices()[1])
+  got = take_kept(on_device, idx)
+  assert got.dtype == jnp.bfloat16 and got.devices() == {jax.devices()[1]}
+  np.testing.assert_array_equal(np.asarray(got, np.float32), want)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("d",))
+  replicated = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  got = take_kept(replicated, idx)
+  assert got.sharding.is_fully_replicated and len(got.devices()) == len(jax.devices())
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(jax.jit(lambda a: take_kept(a, idx))(x), want)  # traced: jnp.take
+  keys = jax.random.split(jax.random.key(0), 5)
+  assert jnp.array_equal(jax.random.key_data(take_kept(keys, (np.array([1, 4]),))), jax.random.key_data(keys[np.array([1, 4])]))
+  assert take_kept(x, (None, None, None)) is x

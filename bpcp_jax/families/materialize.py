@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional
 
 import optax
 
-from bpcp_jax.pruning.masks import check_masks, init_masks, kept_indices, pruned_spec
+from bpcp_jax.pruning.masks import check_masks, init_masks, kept_indices, pruned_spec, take_kept
 from bpcp_jax.families.resnet import ResNet
 from bpcp_jax.families.structure import layer_table
 
@@ -31,12 +31,11 @@ def _slicer(spec, masks):
 
     def fn(key, x, layer=layer, i_in=i_in, i_out=i_out):
       if layer.kind == "conv":  # kernel (k, k, in, out)
-        x = x if i_in is None else x[:, :, i_in, :]
-        return x if i_out is None else x[..., i_out]
+        return take_kept(x, (None, None, i_in, i_out))
       if layer.kind == "bn":  # scale, bias, mean, var: (C,)
-        return x[i_out]
+        return take_kept(x, (i_out,))
       if key == "kernel":  # dense (in, out)
-        return x[i_in, :]
+        return take_kept(x, (i_in, None))
       return x  # dense bias (classes)
 
     fns[layer.name] = fn

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bpcp_jax.pruning.masks import check_mask_tree, full_masks
+from bpcp_jax.pruning.masks import check_mask_tree, full_masks, take_kept
 from bpcp_jax.tracer.coupling import CUMULATIVE, REDUCTIONS, Coupling, find_coupling
 from bpcp_jax.tracer.program import Lit, Program, bind, draws_random_numbers, path_str, run_program, trace_program
 
@@ -291,17 +291,8 @@ def _is_key(x) -> bool:
 
 
 def slice_array(x, code_per_axis, keep_flat: np.ndarray):
-  """``x`` with the dropped positions of every coded axis removed, in one gather (NumPy for
-  NumPy input; one ``take`` per sliced axis for traced values)."""
-  idx = [kept_indices(c, keep_flat) for c in code_per_axis]
-  if all(i is None or len(i) == n for i, n in zip(idx, np.shape(x))):
-    return x
-  if isinstance(x, np.ndarray) or np.isscalar(x):
-    return np.asarray(x)[np.ix_(*[np.arange(n) if i is None else i for i, n in zip(idx, np.shape(x))])]
-  for k, i in enumerate(idx):
-    if i is not None and len(i) != x.shape[k]:
-      x = jnp.take(x, i, axis=k)
-  return x
+  """``x`` with the dropped positions of every coded axis removed (``take_kept``: one gather)."""
+  return take_kept(x, [kept_indices(c, keep_flat) for c in code_per_axis])
 
 
 def live_values(program: Program, alias: Mapping, outs) -> set:
