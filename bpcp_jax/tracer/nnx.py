@@ -219,14 +219,12 @@ class NnxTrainPass:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "input_shape", "label", "average"))
 def _recalibrated(graphdef, state, batches, rng, *, input_shape, label, average):
-  """``(old, new)`` batch statistics of the module ``nnx.merge(graphdef, state)``: one compiled
+  """The re-estimated batch statistics of the module ``nnx.merge(graphdef, state)``: one compiled
   program per module structure, batch shape and ``average``."""
   from bpcp_jax.training.batch_stats import recalibrate_batch_stats
 
   net = NnxTrainPass(NnxNetwork(graphdef, state), input_shape, label)
-  variables = net.adapter.variables()
-  return variables["batch_stats"], recalibrate_batch_stats(net, variables, batches, rng=rng,
-                                                           average=average)["batch_stats"]
+  return recalibrate_batch_stats(net, net.adapter.variables(), batches, rng=rng, average=average)["batch_stats"]
 
 
 def recalibrate_nnx(model: nnx.Module, batches, *, rng: Optional[jax.Array] = None,
@@ -253,7 +251,8 @@ def recalibrate_nnx(model: nnx.Module, batches, *, rng: Optional[jax.Array] = No
     raise ValueError(f"recalibrate_nnx: {label} has no nnx.BatchStat variables (no batch normalization): "
                      "nothing to recalibrate")
   batches = jnp.asarray(batches)
-  old, new = _recalibrated(adapter.graphdef, adapter.state, batches, rng, input_shape=tuple(batches.shape[2:]),
+  old = adapter.variables()["batch_stats"]
+  new = _recalibrated(adapter.graphdef, adapter.state, batches, rng, input_shape=tuple(batches.shape[2:]),
                            label=label, average=average)
   if all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new))):
     raise ValueError(f"recalibrate_nnx: no running statistic of {label} changed in a train-mode pass; does its "

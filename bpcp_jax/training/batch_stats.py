@@ -29,13 +29,13 @@ def recalibrate_batch_stats(network, variables: Mapping, batches, *, masks: Opti
   ``flax.linen`` module whose ``__call__`` takes ``train`` or ``deterministic``, or a ``flax.nnx``
   module with ``variables`` in the layout ``bp.NnxNetwork.variables()`` gives (``bp.recalibrate_nnx``
   returns the module itself recalibrated). A module has no declared input shape: its inputs are
-  taken to be ``batches.shape[2:]``. ``batches``: one
-  floating-point array ``[N, B, *network.input_shape]``, network inputs preprocessed as in training
-  (augmented training images are best: the statistics are then those the weights were trained
-  with). ``masks`` / ``block_gates``: the structure to recalibrate for, as ``network.apply`` takes
-  them (e.g. gates of 0 for the removed blocks). ``rng``: a key, split per batch, for networks with
-  dropout. ``axis_name``: under ``pmap``/``shard_map``, the mapped axis the batch statistics are
-  averaged over (as in ``network.apply``), so every device ends with the same statistics.
+  taken to be ``batches.shape[2:]``. ``batches``: one floating-point array
+  ``[N, B, *network.input_shape]``, network inputs preprocessed as in training (augmented training
+  images are best: the statistics are then those the weights were trained with). ``masks`` /
+  ``block_gates``: the structure to recalibrate for, as ``network.apply`` takes them (e.g. gates of
+  0 for the removed blocks). ``rng``: a key, split per batch, for networks with dropout.
+  ``axis_name``: under ``pmap``/``shard_map``, the mapped axis the batch statistics are averaged
+  over (as in ``network.apply``), so every device ends with the same statistics.
 
   ``average="exact"`` (the default): the new statistics are the equal-weight mean of the N
   batches' statistics, the old ones forgotten (as PyTorch's ``torch.optim.swa_utils.update_bn``,
