@@ -545,19 +545,24 @@ def _final_checkpoint(workdir, name):
   return None
 
 
-def measure(workdir, repeats=5):
+def measure(workdir, repeats=11):
   """Batch-1 and batch-128 latency of every finished row's network beside the dense one, in
-  interleaved rounds in this one process (medians)."""
+  interleaved rounds in this one process (medians; a speed-up is the median of the rounds' ratios
+  to the dense network)."""
   import numpy as np
 
   import absl.logging
+  import jax
 
   from benchmarks.common import interleaved_inference, median
   from bpcp_jax.training.checkpoint import load_network
 
   absl.logging.set_verbosity("error")  # orbax's read-only notices, one pair per checkpoint
 
+  start = time.time()
   names = [n for n in sorted(os.listdir(os.path.join(workdir, "runs"))) if _summary(workdir, n) is not None]
+  print(f"[measure] loading {len(names)} networks, then compiling each and timing {repeats} interleaved rounds "
+        "(keep the machine otherwise idle)", flush=True)
   nets = []
   for n in names:
     model, variables = load_network(_final_checkpoint(workdir, n))
@@ -566,9 +571,18 @@ def measure(workdir, repeats=5):
   x1 = rng.standard_normal((1, 32, 32, 3)).astype(np.float32)
   x128 = rng.standard_normal((128, 32, 32, 3)).astype(np.float32)
   lat, thr = interleaved_inference(nets, x1, x128, repeats=repeats, calls=20, large_calls=3)
+  # speed-ups: the median over rounds of each round's ratio to the dense network timed in the same
+  # round, so load that drifts between rounds cancels (the ratio of the medians does not)
   out = {n: {"latency_ms_b1": 1e3 * median(lat[n]), "latency_ms_b1_all": [1e3 * v for v in lat[n]],
-             "images_per_s_b128": median(thr[n]), "images_per_s_b128_all": thr[n]} for n in names}
-  files.write_json(os.path.join(workdir, "latency.json"), {"repeats": repeats, "networks": out})
+             "images_per_s_b128": median(thr[n]), "images_per_s_b128_all": thr[n],
+             "speedup_b1": median([d / v for d, v in zip(lat["dense"], lat[n])]) if "dense" in lat else None,
+             "speedup_b128": median([v / d for d, v in zip(thr["dense"], thr[n])]) if "dense" in thr else None}
+         for n in names}
+  files.write_json(os.path.join(workdir, "latency.json"),
+                   {"repeats": repeats, "machine": _machine(), "jax": jax.__version__,
+                    "measured_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(start)),
+                    "wall_s": round(time.time() - start, 1), "networks": out})
+  print(f"[measure] done in {time.time() - start:.0f} s: {os.path.join(workdir, 'latency.json')}", flush=True)
   return out
 
 
@@ -602,8 +616,8 @@ def collect(workdir):
     if name in lat and "dense" in lat:
       row["latency_ms_b1"] = lat[name]["latency_ms_b1"]
       row["images_per_s_b128"] = lat[name]["images_per_s_b128"]
-      row["speedup_b1"] = lat["dense"]["latency_ms_b1"] / lat[name]["latency_ms_b1"]
-      row["speedup_b128"] = lat[name]["images_per_s_b128"] / lat["dense"]["images_per_s_b128"]
+      row["speedup_b1"] = lat[name].get("speedup_b1")
+      row["speedup_b128"] = lat[name].get("speedup_b128")
     rows.append(row)
   return rows
 

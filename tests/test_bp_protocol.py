@@ -106,6 +106,28 @@ def test_measure_replaces_latency_json_whole(tmp_path, monkeypatch):
   assert sorted(os.listdir(tmp_path)) == ["latency.json", "runs"]
 
 
+def test_measure_speedups_are_per_round_ratios(tmp_path, monkeypatch):
+  """A speed-up compares each network with the dense one timed in the same round: load that
+  drifts between rounds cancels (the ratio of the two medians would read 4x and 2.5x here)."""
+  import benchmarks.common
+  import bpcp_jax.training.checkpoint
+
+  protocol = _protocol()
+  for name in ("dense", "small"):
+    (tmp_path / "runs" / name).mkdir(parents=True)
+    (tmp_path / "runs" / name / "summary.json").write_text("{}")
+  monkeypatch.setattr(bpcp_jax.training.checkpoint, "load_network", lambda path: (None, None))
+  lat = {"dense": [1e-3, 3e-3, 2e-3], "small": [0.5e-3, 3e-3, 0.5e-3]}
+  thr = {"dense": [100.0, 50.0, 80.0], "small": [200.0, 50.0, 400.0]}
+  monkeypatch.setattr(benchmarks.common, "interleaved_inference", lambda nets, *a, **k: (lat, thr))
+  out = protocol.measure(str(tmp_path), repeats=3)
+  assert out["small"]["speedup_b1"] == pytest.approx(2.0) and out["small"]["speedup_b128"] == pytest.approx(2.0)
+  assert out["dense"]["speedup_b1"] == pytest.approx(1.0)
+  saved = json.loads((tmp_path / "latency.json").read_text())
+  assert saved["networks"]["small"]["speedup_b128"] == pytest.approx(2.0) and saved["repeats"] == 3
+  assert saved["machine"]["cpu_count"] == os.cpu_count() and saved["wall_s"] >= 0
+
+
 class _Stages:
   def __init__(self, stages):
     self.stages = stages
