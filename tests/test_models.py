@@ -9,7 +9,7 @@ import pytest
 
 import bpcp_jax as bp
 from bpcp_jax.families.spec import ArchSpec
-from tests.helpers import images
+from tests.helpers import images, perturbed_variables, random_masks
 
 
 def test_resnet_v2_56_counts_match_original_code():
@@ -115,6 +115,22 @@ def test_jit_and_plain_agree():
   jitted = jax.jit(lambda v, x, m: model.apply(v, x, train=False, masks=m))(v, x, masks)
   np.testing.assert_allclose(plain, jitted, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(plain, model.apply(v, x, train=False), rtol=1e-5, atol=1e-6)
+
+
+def test_masks_of_python_floats_lists_and_numpy_equal_array_masks():
+  """Masks as a user writes them by hand (``masks["blocks"][b] = -1.0``, a list or NumPy channel
+  mask) give the same network as jnp arrays, in eval and train mode; materialize already took them."""
+  model = bp.create_model("resnet_v1_8")
+  variables = perturbed_variables(model, jax.random.key(0))
+  x = images(jax.random.key(1))
+  masks = random_masks(model, 0)
+  by_hand = {"blocks": {b: float(v) for b, v in masks["blocks"].items()},
+             "channels": {g: (np.asarray(m).tolist() if i % 2 else np.asarray(m)) for i, (g, m) in
+                          enumerate(masks["channels"].items())}}
+  for train in (False, True):
+    ref = model.apply(variables, x, train=train, masks=masks, mutable=["batch_stats"] if train else False)
+    out = model.apply(variables, x, train=train, masks=by_hand, mutable=["batch_stats"] if train else False)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), out, ref)
 
 
 @pytest.mark.parametrize("relu", [False, True])

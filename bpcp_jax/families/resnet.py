@@ -61,7 +61,7 @@ class ResNet(nn.Module):
       group = table[name].in_group
       if channel_masks is None or group is None:
         return h
-      mask = channel_masks[group].astype(h.dtype)
+      mask = jnp.asarray(channel_masks[group], h.dtype)  # an array, list or NumPy mask alike
       return h * mask.reshape((1,) * (h.ndim - 1) + mask.shape)
 
     def conv(name, h):
@@ -97,7 +97,7 @@ class ResNet(nn.Module):
       if block_gates is not None:
         return block_gates[name]
       if masks is not None and name in masks["blocks"]:
-        return (masks["blocks"][name] >= 0).astype(self.dtype)
+        return (jnp.asarray(masks["blocks"][name]) >= 0).astype(self.dtype)  # a Python float logit too
       return None
 
     def gated(name, residual, branch):
