@@ -221,8 +221,18 @@ def test_nnx_recalibration_passes_the_train_argument_and_refuses_what_changes_no
   assert not np.allclose(updates["batch_stats"]["bn"]["mean"], variables["batch_stats"]["bn"]["mean"])
   with pytest.raises(ValueError, match="no running statistic of _FlagBN changed .*use_running_average=True"):
     bp.recalibrate_nnx(_FlagBN(nnx.Rngs(0), frozen=True), batches)
+  # recalibrating again on the same batches (a notebook cell run twice) changes nothing and is no error
+  again = bp.recalibrate_nnx(new, batches)
+  _close(nnx.to_pure_dict(nnx.state(again, nnx.BatchStat)), nnx.to_pure_dict(nnx.state(new, nnx.BatchStat)))
   with pytest.raises(ValueError, match=r"batches have shape \(6, 4\); expected \[N, B, \*input_shape\]"):
     bp.recalibrate_nnx(model, batches[0])
+  # a batch of another input shape: named, not the module's own shape error
+  with pytest.raises(ValueError, match=r"_FlagBN does not run on one batch batches\[i\] of shape \(6, 3\).*"
+                     r"batches\[None\] for a single batch"):
+    bp.recalibrate_nnx(model, batches[..., :3])
+  images = np.zeros((2, 8, 8, 3), np.float32)  # one batch of images, the N axis forgotten
+  with pytest.raises(ValueError, match=r"CNN does not run on one batch batches\[i\] of shape \(8, 8, 3\)"):
+    bp.recalibrate_nnx(_model(), images)
   with pytest.raises(TypeError, match=r"rng has shape \(\) and dtype int32; expected a key"):
     bp.recalibrate_nnx(model, batches, rng=0)
   # the variables-dict form checks the variables against the module

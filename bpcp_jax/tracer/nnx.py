@@ -219,12 +219,20 @@ class NnxTrainPass:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "input_shape", "label", "average"))
 def _recalibrated(graphdef, state, batches, rng, *, input_shape, label, average):
-  """The re-estimated batch statistics of the module ``nnx.merge(graphdef, state)``: one compiled
-  program per module structure, batch shape and ``average``."""
+  """``(statistics, moved)``: the re-estimated batch statistics of the module
+  ``nnx.merge(graphdef, state)``, and whether a train-mode pass updates its statistics at all (one
+  pass on the first batch from the statistics shifted by 1, which no batch average equals unless the
+  ``BatchNorm`` does not update them); one compiled program per module structure, batch shape and
+  ``average``."""
   from bpcp_jax.training.batch_stats import recalibrate_batch_stats
 
   net = NnxTrainPass(NnxNetwork(graphdef, state), input_shape, label)
-  return recalibrate_batch_stats(net, net.adapter.variables(), batches, rng=rng, average=average)["batch_stats"]
+  variables = net.adapter.variables()
+  shifted = {**variables, "batch_stats": jax.tree.map(lambda s: s + 1, variables["batch_stats"])}
+  probe = net.apply(shifted, batches[0], train=True)[1]
+  moved = jnp.any(jnp.stack([jnp.any(a != b) for a, b in zip(jax.tree.leaves(probe),
+                                                               jax.tree.leaves(shifted["batch_stats"]))]))
+  return recalibrate_batch_stats(net, variables, batches, rng=rng, average=average)["batch_stats"], moved
 
 
 def recalibrate_nnx(model: nnx.Module, batches, *, rng: Optional[jax.Array] = None,
@@ -240,9 +248,9 @@ def recalibrate_nnx(model: nnx.Module, batches, *, rng: Optional[jax.Array] = No
   now). Use it on ``bp.materialize_nnx``'s smaller module: with blocks removed, the old statistics
   no longer describe what later layers see.
 
-  Raises ``ValueError`` when the module has no ``nnx.BatchStat``, when no statistic changed in a
-  train-mode pass (a ``__call__`` that fixes ``use_running_average=True``), and for batches of the
-  wrong shape; ``TypeError`` for integer batches or an ``rng`` that is not a key."""
+  Raises ``ValueError`` when the module has no ``nnx.BatchStat``, when a train-mode pass does not
+  update the statistics (a ``__call__`` that fixes ``use_running_average=True``), and for batches
+  the module does not run on (naming their shape); ``TypeError`` for integer batches or an ``rng`` that is not a key."""
   if not isinstance(model, nnx.Module):
     raise TypeError(f"recalibrate_nnx: expected a flax.nnx.Module, got {type(model).__qualname__}")
   adapter = NnxNetwork.of(model)
@@ -251,10 +259,16 @@ def recalibrate_nnx(model: nnx.Module, batches, *, rng: Optional[jax.Array] = No
     raise ValueError(f"recalibrate_nnx: {label} has no nnx.BatchStat variables (no batch normalization): "
                      "nothing to recalibrate")
   batches = jnp.asarray(batches)
-  old = adapter.variables()["batch_stats"]
-  new = _recalibrated(adapter.graphdef, adapter.state, batches, rng, input_shape=tuple(batches.shape[2:]),
-                           label=label, average=average)
-  if all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new))):
+  if batches.ndim >= 3 and jnp.issubdtype(batches.dtype, jnp.floating):  # else recalibrate_batch_stats says why
+    try:
+      jax.eval_shape(lambda: adapter.apply(adapter.variables(), batches[0]))
+    except Exception as e:
+      raise ValueError(f"recalibrate_nnx: {label} does not run on one batch batches[i] of shape "
+                       f"{tuple(batches.shape[1:])} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                       "batches must be [N batches, B, *input_shape], e.g. batches[None] for a single batch") from e
+  new, moved = _recalibrated(adapter.graphdef, adapter.state, batches, rng, input_shape=tuple(batches.shape[2:]),
+                             label=label, average=average)
+  if not moved:
     raise ValueError(f"recalibrate_nnx: no running statistic of {label} changed in a train-mode pass; does its "
                      "__call__ fix use_running_average=True (the mode set by model.train() and a train/"
                      "deterministic argument is not reaching its BatchNorms)?")
