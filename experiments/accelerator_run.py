@@ -1,7 +1,7 @@
 """One command on a machine with one GPU or TPU: train-step throughput, inference speed-ups, and the paper's recipe.
 
   python experiments/accelerator_run.py --out DIR [--data ARCHIVE] [--budget 540]
-  python experiments/accelerator_run.py --quick --out DIR     # the same code on CPU in well under a minute (CI)
+  python experiments/accelerator_run.py --quick --out DIR     # the same code on CPU, about a minute on 2 cores (CI)
 
 Within a hard wall-time budget (``--budget``, default 540 s = 9 minutes, enforced by this script):
 
@@ -48,9 +48,9 @@ then the one call (``run``), 600 s allowed for the 540 s budget:
                python3 experiments/accelerator_run.py --data .data/cifar10-jpeg.tar.gz --out $OUT",
       carry=[".data", ".whl"], timeout_s=600)
 
-``--quick``: ResNet-v2-11 train steps at batch 8 and 16 (both dtypes), ResNet-v2-20 inference at
-batch 1, 8 and 16, and the recipe on ResNet-v2-11 with 80 training and 50 test images, at most 2
-epochs per stage: the same code path, a smoke run, not a measurement (tests/test_accelerator_run.py).
+``--quick`` (the ``QUICK`` settings below): ResNet-v1-8 train steps at batch 8 in float32, ResNet-v1-14
+inference at batch 1 and 8, and the recipe on ResNet-v1-8 with 80 training and 50 test images, one
+epoch per stage: the same code path, a smoke run, not a measurement (tests/test_accelerator_run.py).
 """
 
 from __future__ import annotations
@@ -458,6 +458,9 @@ def recipe_config(args, settings: Settings):
                "stages.finetune_blocks.lr=0.02", "stages.finetune_channels.lr=0.02", "eval_every_epochs=1",
                "log_every_steps=50", "checkpoint.keep=1", f"profile.batch_sizes={settings.profile_batches}",
                f"profile.repeats={5 if settings.quick else 20}"]
+  # the cap the planner works under; each stage's epochs are planned just before it starts
+  overrides += [f"stages.{s}.epochs={settings.max_epochs}" for s in ("pretrain", "search", "finetune_blocks",
+                                                                      "finetune_channels")]
   if args.data:
     overrides.append(f"data.path={args.data}")
   return apply_overrides(load_config_file(CONFIG), overrides + list(args.config_overrides))
@@ -605,7 +608,11 @@ def _fmt(v, digits=3) -> str:
 def markdown(rows: list[dict], cols: list[tuple[str, str]]) -> str:
   from benchmarks.common import markdown_table
 
-  return markdown_table([h for h, _ in cols], [[_fmt(r.get(k)) for _, k in cols] for r in rows])
+  def cell(r, k):  # accuracies are fractions in the JSON/CSV and percent in the tables
+    v = r.get(k)
+    return f"{100 * v:.2f}" if k == "accuracy" and isinstance(v, (int, float)) else _fmt(v)
+
+  return markdown_table([h for h, _ in cols], [[cell(r, k) for _, k in cols] for r in rows])
 
 
 def assemble(args, settings: Settings, phases: dict, t0: float, log) -> dict:
@@ -678,7 +685,7 @@ def results_markdown(record: dict, metrics: list[dict]) -> str:
                f"{data.get('train_images', '?')} training / {data.get('test_images', '?')} test images): "
                f"{recipe.get('status', 'not run')}\n")
   parts.append(markdown(rec, [("stage", "name"), ("epochs", "epochs"), ("wall s", "seconds"),
-                              ("train images/s", "images_per_s"), ("test acc", "accuracy"), ("params", "params"),
+                              ("train images/s", "images_per_s"), ("test acc %", "accuracy"), ("params", "params"),
                               ("MACs", "macs"), ("blocks", "blocks")]) if rec else "no stage finished an epoch")
   if rec:
     parts.append("\nWall s: from the stage's start to the next one's (the last stage's includes the summary: "
@@ -686,7 +693,7 @@ def results_markdown(record: dict, metrics: list[dict]) -> str:
   fin = [r for r in rows if r["table"] == "final"]
   if fin:
     parts.append("\nDense vs pruned (the pipeline's summary; latency of the deployed network):\n")
-    parts.append(markdown(fin, [("network", "name"), ("test acc", "accuracy"), ("params", "params"),
+    parts.append(markdown(fin, [("network", "name"), ("test acc %", "accuracy"), ("params", "params"),
                                 ("MACs", "macs"), ("blocks", "blocks"), ("batch", "batch"), ("ms", "ms"),
                                 ("speed-up", "speedup"), ("MACs ratio", "macs_ratio")]))
   plan = recipe.get("plan") or []
