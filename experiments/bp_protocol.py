@@ -315,8 +315,8 @@ def bn_sample_size(n_train, batches, batch=128):
   if batches * batch <= n_train:
     return batches, batch, None
   got = (n_train // batch, batch) if n_train >= batch else (1, n_train)
-  return (*got, f"BN statistics re-estimated on {got[0]} batches of {got[1]} images, not {batches} of {batch}: "
-                f"the training set has {n_train} images")
+  return (*got, f"BN statistics re-estimated on {got[0]} x {got[1]} training images, not {batches} x {batch}: "
+                f"the training set has {n_train}")
 
 
 def ablate(workdir, data=None, test_per_class=500, random_sets=10, bn_batches=40):
