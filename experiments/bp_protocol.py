@@ -23,10 +23,13 @@ Commands (every step resumable; rows with a summary.json are skipped, interrupte
   python experiments/bp_protocol.py ablate --workdir runs/bp_protocol      # block choice alone, no fine-tune
   python experiments/bp_protocol.py report --workdir runs/bp_protocol      # CSV, markdown, plots
 
-``run`` ends with ``measure`` and ``report``. Results: experiments/results/bp_protocol/
-(results.csv, results.md, protocol.json with every command, wall time and the machine, plots).
-For every search, results.md gives the final keep probabilities and the blocks whose decision
-still changed in the last quarter of the search (``unsettled_blocks`` in the CSV; 0 = settled).
+``run`` ends with ``measure`` and ``report``. Results (results.csv, results.md, protocol.json with
+every command, wall time and the machine, plots) go to ``--out``: by default
+experiments/results/bp_protocol/ for this protocol's own config, <workdir>/results after
+``--config`` or ``--set`` (a dry run). For every search, results.md gives the final keep
+probabilities and the blocks whose keep decision (p >= 0.5) still changed in the last quarter of
+its logged steps (``unsettled_blocks`` in the CSV; 0 = none). Paths are taken from the cwd; a
+failed row ends ``run`` with one line naming it (finished rows kept; run again to resume).
 ``ablate`` (beside or after ``run``) judges each searched removal without any fine-tune, against the
 heuristics and 10 random removals of as many blocks, at the dense and at the search's weights, BN
 statistics re-estimated for each (results.md's last section, ablation.png).
@@ -57,6 +60,10 @@ CONFIG = os.path.join("experiments", "configs", "bp_protocol.py")
 OUT = os.path.join(REPO, "experiments", "results", "bp_protocol")
 SEEDS = (0, 1, 2)
 MACS_KEPT = 0.2  # BPCP and CP: 20% of the dense MACs (the paper: -80.3%)
+# what CP's and BPCP's prune.ratio means (a fraction of the MACs, |BN scale|, widths x4), passed
+# explicitly so that another base config (--config) cannot turn it into a fraction of the channels
+PRUNE_SETTINGS = ("--config.stages.prune.target=macs", "--config.stages.prune.criterion=bn_scale",
+                  "--config.stages.prune.round_to=4")
 SAVE_EVERY_S = 60.0  # a running row's wall time is saved this often
 
 
@@ -100,13 +107,24 @@ def _summary(workdir, name):
   return _read_json(os.path.join(_run_dir(workdir, name), "summary.json"))
 
 
+class RowFailed(Exception):
+  """A row's command exited with an error (``returncode``); its output is above it in the log."""
+
+  def __init__(self, name, returncode, cmd):
+    super().__init__(f"row {name} failed with exit status {returncode}; its output is above, its command: "
+                     + " ".join(cmd))
+    self.returncode = returncode
+
+
 def run_row(workdir, log, name, args, data=None, meta=None):
-  """Run one row through the command line (skipped when finished, resumed when interrupted)."""
+  """Run one row through the command line (skipped when finished, resumed when interrupted); a failed
+  row raises RowFailed with its time recorded."""
   if _summary(workdir, name) is not None:
     print(f"[{name}] done already, skipping", flush=True)
     return _summary(workdir, name)
-  cmd = ["bpcp-jax", args[0], "--config", log.get("config", CONFIG), "--workdir", _run_dir(workdir, name), *args[1:],
-         *[f"--config.{s}" for s in log.get("set", [])], "--no-progress"]
+  # the row's own settings after the protocol's --set overrides, so that they hold whatever those say
+  cmd = ["bpcp-jax", args[0], "--config", log.get("config", CONFIG), "--workdir", _run_dir(workdir, name),
+         *[f"--config.{s}" for s in log.get("set", [])], *args[1:], "--no-progress"]
   if data:
     cmd += ["--data", data]
   if os.path.isdir(os.path.join(_run_dir(workdir, name), "checkpoints")):
@@ -133,7 +151,7 @@ def run_row(workdir, log, name, args, data=None, meta=None):
     row["seconds"] = start + time.time() - t0
     _save_log(workdir, log)
   if proc.returncode:
-    raise subprocess.CalledProcessError(proc.returncode, cmd)
+    raise RowFailed(name, proc.returncode, cmd)
   return _summary(workdir, name)
 
 
@@ -290,6 +308,17 @@ def _removal_sets(network, variables, bp, drop, random_sets):
   return sets
 
 
+def bn_sample_size(n_train, batches, batch=128):
+  """(batches, batch size, note) for the BN re-estimation: ``batches`` x ``batch`` distinct training
+  images where the training set has them, else fewer batches (or one smaller batch) and a note
+  saying so (None when nothing was cut)."""
+  if batches * batch <= n_train:
+    return batches, batch, None
+  got = (n_train // batch, batch) if n_train >= batch else (1, n_train)
+  return (*got, f"BN statistics re-estimated on {got[0]} x {got[1]} training images, not {batches} x {batch}: "
+                f"the training set has {n_train}")
+
+
 def ablate(workdir, data=None, test_per_class=500, random_sets=10, bn_batches=40):
   """Test accuracy with blocks removed and nothing fine-tuned: how good is a block choice by itself?
 
@@ -302,7 +331,8 @@ def ablate(workdir, data=None, test_per_class=500, random_sets=10, bn_batches=40
   controls remove as many as they can, as ``run``'s control rows do (``controls_removed``).
 
   Before each evaluation the BN running statistics are re-estimated for the network with those
-  blocks removed (``bn_batches`` x 128 training images augmented as in training, the same for every
+  blocks removed (``bn_batches`` x 128 training images, fewer where the training set is smaller
+  (``bn_sample_size``, recorded in ablation.json), augmented as in training, the same for every
   removal; momentum 0.9, so 0.9**40 = 1.5% of the old statistics remain): without it, a removal is
   judged mostly by how far the statistics accumulated with the blocks in place are off (BN
   recalibration, as one-shot architecture searches do; ``bpcp_jax.recalibrate_batch_stats``).
@@ -324,16 +354,20 @@ def ablate(workdir, data=None, test_per_class=500, random_sets=10, bn_batches=40
   network, dense_vars, _ = load_stage(_ckpt(workdir, "dense", "pretrain"))  # before the data: fails fast
   config.data.max_test_per_class = test_per_class
   train, test = load_data(config, data, progress=False)
-  pick = np.random.default_rng(0).choice(len(train.labels), bn_batches * 128, replace=False)
+  bn_batches, batch, note = bn_sample_size(len(train.labels), bn_batches)
+  if note:
+    print(f"[ablate] {note}", flush=True)
+  pick = np.random.default_rng(0).choice(len(train.labels), bn_batches * batch, replace=False)
   # augmented as in training (pad-crop-flip): statistics of unaugmented images cost the dense
   # network 3 points (83.4% -> 80.3% on these test images), augmented ones none (83.5%)
-  raw = jnp.asarray(train.images[pick].reshape(bn_batches, 128, *train.images.shape[1:]))
+  raw = jnp.asarray(train.images[pick].reshape(bn_batches, batch, *train.images.shape[1:]))
   bn_inputs = jax.vmap(bdata.augment)(jax.random.split(jax.random.PRNGKey(0), bn_batches), raw)
   path = os.path.join(workdir, ABLATION)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   out = _read_json(path) or {}
-  if (out.get("test_images"), out.get("bn_images"), out.get("bn")) != (len(test.labels), bn_batches * 128, "augmented"):
-    out = {"test_images": len(test.labels), "bn_images": bn_batches * 128, "bn": "augmented", "accuracy": {}}
+  if (out.get("test_images"), out.get("bn_images"), out.get("bn")) != (len(test.labels), bn_batches * batch, "augmented"):
+    out = {"test_images": len(test.labels), "bn_images": bn_batches * batch, "bn": "augmented", "accuracy": {}}
+  out.update(bn_batches=bn_batches, bn_batch_size=batch, bn_note=note)
 
   def weights_of(label, variables):  # cached accuracies are kept only at the same weights
     forget_stale(out, label, fingerprint(variables))
@@ -460,8 +494,25 @@ def _blocks_removed(summary):
   return len(summary["dense"]["blocks_kept"]) - len(summary["pruned"]["blocks_kept"])
 
 
-def run(workdir, gammas, data=None, config=None, sets=(), out=OUT):
+def _check_same_setup(workdir, log, config, sets):
+  """SystemExit naming the old and new value where ``config``/``sets`` (given) differ from those
+  protocol.json recorded and a row has run already: later rows would start from checkpoints of
+  another setup. Keys a run may change on resume (such as data.cache_dir) may differ."""
+  from bpcp_jax.run.config import RESUME_FREE_KEYS
+
+  runs = os.path.join(workdir, "runs")
+  if not log.get("rows") and not (os.path.isdir(runs) and os.listdir(runs)):
+    return
+  strict = lambda v: [x for x in v if x.split("=", 1)[0] not in RESUME_FREE_KEYS]
+  for key, new, old in (("--config", config, log.get("config", CONFIG)), ("--set", list(sets), log.get("set", []))):
+    if new and (new != old if key == "--config" else strict(new) != strict(old)):
+      raise SystemExit(f"bp_protocol run: {workdir} was started with {key} {old!r}, not {new!r}; its rows would "
+                       "start from checkpoints of another setup: use a new --workdir (or the same values)")
+
+
+def run(workdir, gammas, data=None, config=None, sets=(), out=None):
   log = _load_log(workdir)
+  _check_same_setup(workdir, log, config, sets)
   if gammas:
     log["gammas"] = gammas
   if config:
@@ -474,47 +525,56 @@ def run(workdir, gammas, data=None, config=None, sets=(), out=OUT):
                      "in protocol.json")
   _save_log(workdir, log)
   dense = _ckpt(workdir, "dense", "pretrain")
-  run_row(workdir, log, "dense", ["train"], data)
+  # rows started, and at most how many in all (lowered as each search settles its controls; None: the
+  # gammas come from calibrate, after the dense row)
+  count = [0, None if gammas == "auto" else 3 + 6 * len(gammas)]
+
+  def row(name, args, meta=None):
+    count[0] += 1
+    print(f"[bp_protocol] row {count[0]} of {'?' if count[1] is None else f'at most {count[1]}'}: {name}", flush=True)
+    return run_row(workdir, log, name, args, data, meta)
+
+  row("dense", ["train"])
   if gammas == "auto":  # the gammas calibrate suggests for removing about 4, 8 and 12 blocks
     cal = _read_json(os.path.join(workdir, "calibration.json")) or calibrate(workdir, data)
     gammas = sorted(float(f"{g:.3g}") for g in cal["suggested_gamma"].values())
     log["gammas"] = gammas
     _save_log(workdir, log)
+    count[1] = 3 + 6 * len(gammas)
     print(f"gammas from calibrate: {gammas}", flush=True)
   bp_rows, most, controlled = {}, None, set()
   for g in gammas:
     name = f"bp_gamma{g:g}"
-    s = bp_rows[name] = run_row(workdir, log, name, ["pipeline", "--from", dense,
-                                                     "--config.stages.run=search,finetune_blocks",
-                                                     f"--config.stages.search.gamma={g}"], data,
-                                {"gamma": g, "method": "bp"})
+    s = bp_rows[name] = row(name, ["pipeline", "--from", dense, "--config.stages.run=search,finetune_blocks",
+                                   f"--config.stages.search.gamma={g}"], {"gamma": g, "method": "bp"})
     if most is None:  # the controls never empty a stage: at most (blocks - stages) can go
       most = len(s["dense"]["blocks_kept"]) - len({b.split("_")[0] for b in s["dense"]["blocks_kept"]})
     n = min(_blocks_removed(s), most)
+    count[1] -= 5 if not n else 4 if n in controlled else 0
     if not n:
       continue
     # right after each search, its controls, so that a protocol cut short by the end of a session
     # still leaves complete comparisons behind. First the sharpest: the search's own weights and
     # training, as many other blocks removed at random (one seed), so block choice alone differs
-    run_row(workdir, log, f"random_after_{name}", [
+    row(f"random_after_{name}", [
         "pipeline", "--from", _ckpt(workdir, name, "search"), "--config.stages.run=search,finetune_blocks",
         "--config.stages.search.method=random", f"--config.stages.search.blocks={n}",
-        f"--config.stages.search.select_seed={SEEDS[0]}"], data,
+        f"--config.stages.search.select_seed={SEEDS[0]}"],
         {"method": "random_after_search", "blocks_removed": n, "seed": SEEDS[0], "from": name})
     if n in controlled:
       continue
     controlled.add(n)
     # then the dense-started controls with the same number of blocks: the heuristic and 3 random seeds
-    run_row(workdir, log, f"heuristic_last_{n}", [
+    row(f"heuristic_last_{n}", [
         "pipeline", "--from", dense, "--config.stages.run=search,finetune_blocks", "--config.stages.search.method=last",
-        f"--config.stages.search.blocks={n}"], data, {"method": "last", "blocks_removed": n})
+        f"--config.stages.search.blocks={n}"], {"method": "last", "blocks_removed": n})
     for seed in SEEDS:
-      run_row(workdir, log, f"random_blocks_{n}_seed{seed}", [
+      row(f"random_blocks_{n}_seed{seed}", [
           "pipeline", "--from", dense, "--config.stages.run=search,finetune_blocks",
           "--config.stages.search.method=random", f"--config.stages.search.blocks={n}",
-          f"--config.stages.search.select_seed={seed}"], data, {"method": "random", "blocks_removed": n, "seed": seed})
-  run_row(workdir, log, "cp", ["pipeline", "--from", dense, "--config.stages.run=prune,finetune_channels",
-                               f"--config.stages.prune.ratio={1 - MACS_KEPT}"], data, {"method": "cp"})
+          f"--config.stages.search.select_seed={seed}"], {"method": "random", "blocks_removed": n, "seed": seed})
+  row("cp", ["pipeline", "--from", dense, "--config.stages.run=prune,finetune_channels", *PRUNE_SETTINGS,
+             f"--config.stages.prune.ratio={1 - MACS_KEPT}"], {"method": "cp"})
   # BPCP: the BP row nearest to 8 removed blocks whose network still has more MACs than the target,
   # its channels pruned to the same total MACs as CP
   room = {k: v for k, v in bp_rows.items() if v["pruned"]["macs"] > 1.05 * MACS_KEPT * v["dense"]["macs"]}
@@ -524,10 +584,8 @@ def run(workdir, gammas, data=None, config=None, sets=(), out=OUT):
     mid = min(room, key=lambda k: (abs(_blocks_removed(room[k]) - 8), k))
     s = room[mid]
     ratio = 1.0 - MACS_KEPT * s["dense"]["macs"] / s["pruned"]["macs"]
-    run_row(workdir, log, "bpcp", ["pipeline", "--from", _ckpt(workdir, mid, "finetune_blocks"),
-                                   "--config.stages.run=prune,finetune_channels",
-                                   f"--config.stages.prune.ratio={ratio:.6f}"],
-            data, {"method": "bpcp", "from": mid})
+    row("bpcp", ["pipeline", "--from", _ckpt(workdir, mid, "finetune_blocks"), "--config.stages.run=prune,finetune_channels",
+                 *PRUNE_SETTINGS, f"--config.stages.prune.ratio={ratio:.6f}"], {"method": "bpcp", "from": mid})
   measure(workdir)
   report(workdir, out)
 
@@ -612,7 +670,7 @@ def collect(workdir):
            "macs_removed_pct": 100 * (1 - s["pruned"]["macs"] / d_macs) if d_macs else "",
            "params_removed_pct": 100 * (1 - s["pruned"]["params"] / d_params) if d_params else "",
            "wall_s": round(info.get("seconds", 0.0), 1), "train_s": round(_train_seconds(workdir, name), 1),
-           "removed": " ".join(b for b in all_blocks if b not in kept)}
+           "removed": " ".join(b for b in all_blocks if b not in kept), "test_images": s.get("data", {}).get("test_images")}
     if name in lat and "dense" in lat:
       row["latency_ms_b1"] = lat[name]["latency_ms_b1"]
       row["images_per_s_b128"] = lat[name]["images_per_s_b128"]
@@ -654,14 +712,24 @@ def _save(plt, fig, ax, xlabel, ylabel, path):
   plt.close(fig)
 
 
-def report(workdir, out=OUT):
+def default_out(workdir):
+  """Where report writes by default: the committed results for the protocol's own config only (no
+  --config or --set in protocol.json), else <workdir>/results."""
+  log = _load_log(workdir)
+  return OUT if log.get("config", CONFIG) == CONFIG and not log.get("set") else os.path.join(workdir, "results")
+
+
+def report(workdir, out=None):
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   import numpy as np
 
+  from bpcp_jax.run.report import SETTLED_MARGIN
+
   rows = collect(workdir)
+  out = out or default_out(workdir)
   os.makedirs(out, exist_ok=True)
 
   def fmt(v, spec, unit=""):  # "-" for a figure not measured (yet)
@@ -684,8 +752,9 @@ def report(workdir, out=OUT):
         margins = sorted(abs(p - 0.5) for p in last.values())
         flips = unsettled_blocks(hist)
         steps = [h.get("step", i + 1) for i, h in enumerate(hist)]
-        settled = ("every decision settled in the last quarter of the search" if not flips else
-                   f"decisions still changing in the last quarter (steps {steps[int(len(steps) * 0.75)]}-{steps[-1]}): "
+        settled = ("no keep decision (p >= 0.5) changed in the last quarter of its logged steps" if not flips else
+                   f"keep decisions (p >= 0.5) that changed in the last quarter of its logged steps "
+                   f"({steps[int(len(steps) * 0.75)]}-{steps[-1]}): "
                    + ", ".join(f"{k} ({n}x)" for k, n in sorted(flips.items())))
         gates.append(f"- {r['name']}: keep probabilities at the end of the search: "
                      + ", ".join(f"{k} {v:.3f}" for k, v in sorted(last.items()))
@@ -700,8 +769,14 @@ def report(workdir, out=OUT):
   abl_path = os.path.join(workdir, ABLATION)
   abl = _read_json(abl_path)
   cal = (_read_json(os.path.join(workdir, "calibration.json")) or {}).get("benefit")
-  files.write_text(os.path.join(out, "results.md"), "\n".join(lines) + "\n\nwall: the row's commands from start to end "
-                   "over every attempt (data, compile, evaluation, materializing); training: its training loop's "
+  log = _load_log(workdir)
+  head = (f"Setup (protocol.json): config {log.get('config', CONFIG)}"
+          + "".join(f" --set {x}" for x in log.get("set", [])) + f"; gammas {log.get('gammas', '-')}.\n\n")
+  if gates:  # the pipeline's own summary (report.md) calls a decision unsettled by another rule
+    gates.append(f"\n(The pipeline's report.md of a row uses another rule: a decision is unsettled when its keep "
+                 f"probability ends within {SETTLED_MARGIN} of 0.5 or flipped in the last search epoch.)")
+  files.write_text(os.path.join(out, "results.md"), head + "\n".join(lines) + "\n\nwall: the row's commands from start "
+                   "to end over every attempt (data, compile, evaluation, materializing); training: its training loop's "
                    "epoch seconds (metrics.jsonl).\n\n" + "\n".join(gates) + "\n"
                    + (f"\n## Block choice alone (ablate)\n\n{ablation_table(abl, final_probs, cal)}\n" if abl else ""))
   print("\n".join(lines))
@@ -731,7 +806,10 @@ def report(workdir, out=OUT):
   dense = [r for r in rows if r["name"] == "dense"]
   if dense:
     ax.axhline(100 * dense[0]["pruned_accuracy"], color="k", lw=0.8, ls=":", label="dense")
-  _save(plt, fig, ax, "residual blocks removed (of 18)", "test accuracy % (10,000 images)",
+  blocks = {r["pruned_blocks"] + r["blocks_removed"] for r in rows}
+  tests = {r["test_images"] for r in rows if r["test_images"]}
+  _save(plt, fig, ax, "residual blocks removed" + (f" (of {blocks.pop()})" if len(blocks) == 1 else ""),
+        "test accuracy %" + (f" ({tests.pop():,} images)" if len(tests) == 1 else ""),
         os.path.join(out, "accuracy_vs_blocks.png"))
 
   fig, ax = plt.subplots(figsize=(6.5, 4.2))
@@ -767,6 +845,7 @@ def report(workdir, out=OUT):
     if os.path.exists(path):
       with open(path) as f:
         files.write_text(os.path.join(out, os.path.basename(name)), f.read())
+  print(f"[report] written to {out}", flush=True)
   return rows
 
 
@@ -810,6 +889,33 @@ def check_workdir(workdir, command):
                      f"{start} (it trains the dense row first)")
 
 
+def parse_gammas(text):
+  """--gammas: "auto", a list of numbers >= 0, or [] when not given; ValueError naming the bad entry."""
+  import math
+
+  text = text.strip()
+  if text == "auto":
+    return text
+  gammas = []
+  for g in (g.strip() for g in text.split(",") if g.strip()):
+    try:
+      value = float(g)
+    except ValueError:
+      value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+      raise ValueError(f"--gammas {text!r}: {g!r} is not a number >= 0 (give comma-separated gammas such as "
+                       "0.01,0.02,0.04, or auto for calibrate's suggestions)")
+    gammas.append(value)
+  return gammas
+
+
+def _config_path(path):
+  """--config as the rows' command (run in the repository) and protocol.json take it: relative to the
+  repository where it lies in it (as given from there or from the cwd), else absolute."""
+  path = os.path.abspath(path if os.path.exists(path) else os.path.join(REPO, path))
+  return os.path.relpath(path, REPO) if path.startswith(REPO + os.sep) else path
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("command", choices=("calibrate", "run", "measure", "ablate", "report"))
@@ -817,12 +923,20 @@ def main():
   ap.add_argument("--data", default=None)
   ap.add_argument("--gammas", default="", help="comma-separated search gammas, or 'auto' for the ones calibrate "
                   "suggests (remembered in protocol.json)")
-  ap.add_argument("--out", default=OUT)
+  ap.add_argument("--out", default=None, help=f"where report writes (default: {OUT} for the protocol's own config, "
+                  "<workdir>/results after --config or --set)")
   ap.add_argument("--test-per-class", type=int, default=500, help="ablate: test images per class")
   ap.add_argument("--random-sets", type=int, default=10, help="ablate: random removals per search")
   ap.add_argument("--config", default=None, help=f"another base config than {CONFIG} (a dry run)")
   ap.add_argument("--set", action="append", default=[], help="KEY=VALUE override for every row (a dry run)")
   a = ap.parse_args()
+  # the rows run in the repository: every path is made absolute from the cwd here, for every command
+  a.workdir, a.data, a.out = (p and os.path.abspath(p) for p in (a.workdir, a.data, a.out))
+  a.config = a.config and _config_path(a.config)
+  try:
+    gammas = parse_gammas(a.gammas)
+  except ValueError as e:
+    ap.exit(2, f"bp_protocol {a.command}: {e}\n")
   # a SIGTERM (a session ending) unwinds like Ctrl-C, so the time of an interrupted row is recorded
   signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
   check_workdir(a.workdir, a.command)
@@ -833,7 +947,6 @@ def main():
   from bpcp_jax.run.lock import RunDirectoryInUse, hold_run_directory
   from bpcp_jax.training.checkpoint import CheckpointError
 
-  gammas = a.gammas.strip() if a.gammas.strip() == "auto" else [float(g) for g in a.gammas.split(",") if g.strip()]
   try:
     # one writer per work directory (protocol.json, calibration.json, latency.json); ablate writes
     # only its own folder, so it can run beside a run
@@ -852,6 +965,8 @@ def main():
     raise SystemExit(f"bp_protocol: {e}") from None
   except CheckpointError as e:  # a checkpoint cut or from another version: it names the folder
     raise SystemExit(f"bp_protocol {a.command}: {e}") from None
+  except RowFailed as e:  # finished rows and the failed one's time are saved in protocol.json
+    ap.exit(e.returncode if 0 < e.returncode < 128 else 2, f"bp_protocol run: {e}\n")
 
 
 if __name__ == "__main__":

@@ -191,8 +191,9 @@ def test_a_rows_wall_time_is_saved_while_it_runs(tmp_path, monkeypatch):
   # saved during the row (at least every 0.2 s of a >= 1.5 s row), then once more at its end
   assert len(saved) >= 4 and 0 < saved[0] < saved[-2] <= saved[-1] and 1.5 <= saved[-1] < 30
   code = 3
-  with pytest.raises(subprocess.CalledProcessError):
+  with pytest.raises(protocol.RowFailed, match="row r failed with exit status 3; .* bpcp-jax pipeline") as e:
     protocol.run_row(str(tmp_path), log, "r", ["pipeline"])
+  assert e.value.returncode == 3
   assert json.loads((tmp_path / "protocol.json").read_text())["rows"]["r"]["seconds"] >= 3.0  # both attempts
 
 
@@ -256,3 +257,155 @@ def test_ablation_cache_is_dropped_when_a_rows_weights_change(capsys):
   assert out["accuracy"] == {"dense|a": 0.8, "bp_gamma0.25|a": 0.5}
   assert out["weights"] == {"bp_gamma0.2": protocol.fingerprint(changed), "dense": "d1"}
   assert "bp_gamma0.2: other weights" in capsys.readouterr().out
+
+
+def _write_log(workdir, **log):
+  (workdir / "runs").mkdir(parents=True, exist_ok=True)
+  (workdir / "protocol.json").write_text(json.dumps({"rows": {}, **log}))
+
+
+def test_report_writes_the_committed_results_only_for_the_protocols_own_config(tmp_path, capsys):
+  """A dry run (--config or --set in protocol.json) reports to <workdir>/results, never over the
+  committed results; the report says where it wrote, and results.md names its setup."""
+  protocol = _protocol()
+  own, dry, other = tmp_path / "own", tmp_path / "dry", tmp_path / "other"
+  _write_log(own, gammas=[0.1])
+  _write_log(dry, config="experiments/configs/tiny.py", set=["model=resnet_v1_14"], gammas=[0.01, 0.2])
+  _write_log(other, set=["data.cache_dir=/c"])
+  assert protocol.default_out(str(own)) == protocol.OUT
+  assert protocol.default_out(str(other)) == str(other / "results")
+  protocol.report(str(dry))
+  assert f"[report] written to {dry / 'results'}" in capsys.readouterr().out
+  md = (dry / "results" / "results.md").read_text()
+  assert md.startswith("Setup (protocol.json): config experiments/configs/tiny.py --set model=resnet_v1_14; "
+                       "gammas [0.01, 0.2].")
+
+
+def test_bn_sample_size_never_asks_for_more_images_than_the_training_set_has():
+  size = _protocol().bn_sample_size
+  assert size(50000, 40) == (40, 128, None)
+  for n, want in ((160, (1, 128)), (1000, (7, 128)), (100, (1, 100))):
+    batches, batch, note = size(n, 40)
+    assert (batches, batch) == want and batches * batch <= n
+    assert note == f"BN statistics re-estimated on {want[0]} x {want[1]} training images, not 40 x 128: the training set has {n}"
+
+
+@pytest.mark.parametrize("command", ["run", "report", "ablate"])
+def test_relative_paths_are_made_absolute_from_the_cwd(tmp_path, monkeypatch, command):
+  """Rows run with cwd = the repository: --workdir, --data and --out are resolved where the user
+  typed them, for every command; --config inside the repository is kept relative to it."""
+  protocol = _protocol()
+  monkeypatch.chdir(tmp_path)
+  seen = {}
+  monkeypatch.setattr(protocol, "run", lambda *a: seen.setdefault("run", a))
+  monkeypatch.setattr(protocol, "report", lambda *a: seen.setdefault("report", a))
+  monkeypatch.setattr("sys.argv", ["bp_protocol.py", command, "--workdir", "w", "--data", "d.tar.gz", "--out", "o",
+                                   "--config", "experiments/configs/tiny.py", "--gammas", "0.1"])
+  if command == "ablate":  # its check of the work directory names the absolute folder
+    with pytest.raises(SystemExit, match=str(tmp_path / "w" / "runs")):
+      protocol.main()
+    return
+  (tmp_path / "w" / "runs").mkdir(parents=True)
+  protocol.main()
+  if command == "run":
+    assert seen["run"] == (str(tmp_path / "w"), [0.1], str(tmp_path / "d.tar.gz"), "experiments/configs/tiny.py", [],
+                           str(tmp_path / "o"))
+  else:
+    assert seen["report"] == (str(tmp_path / "w"), str(tmp_path / "o"))
+
+
+@pytest.mark.parametrize("gammas", ["abc", "auto2", "-0.1", "0.1,nan", "0.1,,x"])
+def test_bad_gammas_are_refused_before_anything_is_saved_or_trained(tmp_path, monkeypatch, capsys, gammas):
+  protocol = _protocol()
+  monkeypatch.setattr(protocol, "run_row", lambda *a, **k: pytest.fail("a row ran"))
+  monkeypatch.setattr("sys.argv", ["bp_protocol.py", "run", "--workdir", str(tmp_path / "w"), f"--gammas={gammas}"])
+  with pytest.raises(SystemExit) as e:
+    protocol.main()
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "is not a number >= 0" in err, err
+  assert not (tmp_path / "w").exists()
+  assert protocol.parse_gammas(" auto ") == "auto" and protocol.parse_gammas("0, 0.5,") == [0.0, 0.5]
+
+
+def test_a_failed_row_ends_run_with_one_line(tmp_path, monkeypatch, capsys):
+  protocol = _protocol()
+
+  def failing(*a, **k):
+    raise protocol.RowFailed("bp_gamma0.1", 3, ["bpcp-jax", "pipeline", "--workdir", "x"])
+
+  monkeypatch.setattr(protocol, "run_row", failing)
+  monkeypatch.setattr("sys.argv", ["bp_protocol.py", "run", "--workdir", str(tmp_path), "--gammas", "0.1"])
+  with pytest.raises(SystemExit) as e:
+    protocol.main()
+  err = capsys.readouterr().err
+  assert e.value.code == 3 and err == ("bp_protocol run: row bp_gamma0.1 failed with exit status 3; its output is "
+                                       "above, its command: bpcp-jax pipeline --workdir x\n")
+  assert json.loads((tmp_path / "protocol.json").read_text())["gammas"] == [0.1]
+
+
+def test_a_rerun_with_another_setup_is_refused_once_a_row_has_run(tmp_path, monkeypatch):
+  """protocol.json's --config/--set may change only while nothing has run (resume-free keys such as
+  data.cache_dir excepted): later rows would start from another setup's checkpoints."""
+  protocol = _protocol()
+  monkeypatch.setattr(protocol, "run_row", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("row")))
+  _write_log(tmp_path, config="experiments/configs/tiny.py", set=["model=resnet_v1_14", "data.cache_dir=/a"],
+             gammas=[0.1])
+  with pytest.raises(RuntimeError):  # nothing ran yet: a new setup is taken
+    protocol.run(str(tmp_path), [], config="experiments/configs/tiny.py", sets=["model=resnet_v1_8"])
+  log = json.loads((tmp_path / "protocol.json").read_text())
+  assert log["set"] == ["model=resnet_v1_8"]
+  log["rows"] = {"dense": {"seconds": 1.0}}
+  (tmp_path / "protocol.json").write_text(json.dumps(log))
+  with pytest.raises(SystemExit, match=r"started with --set \['model=resnet_v1_8'\], not \['model=resnet_v1_14'\]"):
+    protocol.run(str(tmp_path), [], sets=["model=resnet_v1_14"])
+  with pytest.raises(SystemExit, match="started with --config 'experiments/configs/tiny.py', not 'x.py'.*new --workdir"):
+    protocol.run(str(tmp_path), [], config="x.py")
+  with pytest.raises(RuntimeError):  # the same setup, another cache folder: goes on
+    protocol.run(str(tmp_path), [0.2], config="experiments/configs/tiny.py", sets=["model=resnet_v1_8", "data.cache_dir=/b"])
+  assert json.loads((tmp_path / "protocol.json").read_text())["gammas"] == [0.2]
+
+
+def test_cp_and_bpcp_rows_prune_to_a_macs_fraction_whatever_the_base_config(tmp_path, monkeypatch, capsys):
+  """tiny.py prunes channels (target channels, round_to 1): the cp/bpcp rows pass what their ratio
+  means, after the protocol's --set overrides, and the protocol counts its rows."""
+  from bpcp_jax.run.config import apply_overrides, load_config_file
+
+  protocol = _protocol()
+  blocks = [f"stage{s}_block{b}" for s in range(3) for b in range(2)]
+  args = {}
+
+  def fake_row(workdir, log, name, a, data=None, meta=None):
+    args[name] = a
+    n = 2 if name.startswith("bp_") else 0
+    return {"dense": {"blocks_kept": blocks, "macs": 100.0}, "pruned": {"blocks_kept": blocks[n:], "macs": 100.0 - 10 * n}}
+
+  monkeypatch.setattr(protocol, "run_row", fake_row)
+  monkeypatch.setattr(protocol, "measure", lambda workdir: None)
+  monkeypatch.setattr(protocol, "report", lambda workdir, out: None)
+  sets = ["stages.prune.round_to=1"]
+  protocol.run(str(tmp_path), [0.1], config="experiments/configs/tiny.py", sets=sets)
+  tiny = load_config_file(os.path.join(REPO_ROOT, "experiments", "configs", "tiny.py"))
+  for name in ("cp", "bpcp"):
+    c = apply_overrides(tiny, [*sets, *[x for x in args[name] if x.startswith("--config.")]])
+    assert (c.stages.prune.target, c.stages.prune.criterion, c.stages.prune.round_to) == ("macs", "bn_scale", 4), name
+  out = capsys.readouterr().out
+  assert "row 1 of at most 9: dense" in out and "row 8 of at most 9: cp" in out and "row 9 of at most 9: bpcp" in out
+
+
+def test_a_rows_own_settings_come_after_the_protocols_overrides(tmp_path, monkeypatch):
+  protocol = _protocol()
+  seen = []
+
+  class Done:
+    returncode = 0
+
+    def wait(self, timeout=None):
+      return 0
+
+    def poll(self):
+      return 0
+
+  monkeypatch.setattr(protocol.subprocess, "Popen", lambda cmd, **k: seen.append(cmd) or Done())
+  log = {"rows": {}, "set": ["stages.prune.target=channels"]}
+  protocol.run_row(str(tmp_path), log, "cp", ["pipeline", "--config.stages.prune.target=macs"])
+  assert seen[0].index("--config.stages.prune.target=channels") < seen[0].index("--config.stages.prune.target=macs")

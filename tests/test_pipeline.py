@@ -78,6 +78,10 @@ def test_pipeline_writes_the_run_directory(tiny_run):
                "devices: 1 x cpu", "data loaded: 160 train and 100 test images"):
     assert line in out, (line, out)
   assert out.index("devices:") < out.index("| network |")
+  # --no-progress hides the bars only: the epoch lines stay (bp_protocol's rows run with it)
+  for line in ("[pretrain] epoch 1/2: loss", "[pretrain] epoch 2/2: loss", "[finetune_channels] epoch 1/1: loss"):
+    assert line in out, (line, out)
+  assert "it/s]" not in out  # no tqdm bar
   # rows say what they are; a latency column for every profiled batch size, with its spread
   assert summary["dense"]["label"] == "dense, pretrained"
   assert summary["pruned"]["label"].endswith("pruned, after finetune_channels")

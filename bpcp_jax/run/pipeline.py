@@ -419,7 +419,7 @@ def run_training_stage(ctx: RunContext, stage: str, inp: StageOutput,
       teacher_variables=teacher_vars)
   if meta is not None and meta.get("done"):
     accuracy = meta.get("accuracy")
-    if ctx.progress and jax.process_index() == 0:
+    if jax.process_index() == 0:
       tqdm.write(f"[{stage}] already finished in {ckpt.directory}; reusing it")
   else:
     state, last = train_stage(run, state, start_step=start, start_sums=(meta or {}).get("epoch_sums"))

@@ -69,7 +69,7 @@ class StageRun:
   every_steps: int = 0
   log_every: int = 20
   eval_every_epochs: int = 1
-  progress: bool = True
+  progress: bool = True  # progress bars; the epoch lines are printed either way
   distill: Any = None  # steps.Distillation: the dense network as a teacher
   teacher_variables: Any = None
 
@@ -270,7 +270,7 @@ def _epochs(run: StageRun, state_r, start_step, start_sums, p_step, p_eval, log,
     log.append(record)
     _save(run, state_r, step, epoch + 1, metrics={"accuracy": last_eval["accuracy"]} if "test_accuracy" in record
           else None, done=last_epoch, host=host)
-    if jax.process_index() == 0 and run.progress:
+    if jax.process_index() == 0:  # with progress off too (it hides the bars only)
       acc = f", test acc {record['test_accuracy']:.4f}" if "test_accuracy" in record else ""
       tqdm.write(f"[{run.name}] epoch {epoch + 1}/{run.epochs}: loss {record['train_loss']:.4f}, "
                  f"train acc {record['train_accuracy']:.4f}{acc}, {record['images_per_s']:.0f} img/s")
