@@ -61,14 +61,15 @@ def _path_key(col: str, path) -> str:
 
 
 def _collect(model, col: str) -> dict:
-  """``{"conv": {"kernel": array}, "blocks": {0: ...}}``: the values of ``model``'s variables of collection ``col``."""
+  """``{"conv": {"kernel": array}, "blocks": {"0": ...}}``: the values of ``model``'s variables of collection
+  ``col`` (keys are strings, list indices too, as a checkpoint restores them)."""
   out: dict = {}
   for path, node in nnx.iter_graph(model):
     if isinstance(node, COLLECTIONS[col]):
       d = out
       for part in path[:-1]:
-        d = d.setdefault(part, {})
-      d[path[-1]] = node.get_value()
+        d = d.setdefault(str(part), {})
+      d[str(path[-1])] = node.get_value()
   return out
 
 
