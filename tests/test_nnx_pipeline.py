@@ -54,7 +54,7 @@ def _close(a, b):
 def test_nnx_factory_materialized_equals_masked_in_eval_and_train_mode_and_rebuilds_from_its_description():
   net = bp.FlaxNetwork.from_factory(FACTORY, 3, (32, 32, 3), {"dropout": 0.0})
   assert isinstance(net, NnxFlaxNetwork) and net.block_names == ["blocks/0", "blocks/1"]
-  variables = _perturbed(net.init(jax.random.PRNGKey(0)))
+  variables = _perturbed(net.module.variables())  # the factory's module, zeros: no initializer runs
   masks = _masks(net)
   x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
   small, small_vars = net.materialize(variables, masks)
@@ -107,9 +107,10 @@ def _split(n, seed):
 def nnx_run(tmp_path_factory):
   """The whole pipeline (pretrain, block search, fine-tune, channel prune, fine-tune) on the NNX factory."""
   workdir = str(tmp_path_factory.mktemp("nnx") / "run")
+  # no pretrain (the search starts from the factory's initialisation): a compilation less
   config = apply_overrides(load_config_file(TINY), [f"model={FACTORY}", "num_classes=3", "batch_size=8",
-                                                    "eval_batch_size=8", "stages.search.blocks=1",
-                                                    "stages.search.method=bp", "profile.batch_sizes=2"])
+                                                    "eval_batch_size=8", "profile.batch_sizes=2",
+                                                    "stages.run=search,finetune_blocks,prune,finetune_channels"])
   splits = (_split(24, 0), _split(8, 1))
   mp = pytest.MonkeyPatch()
   mp.setattr(pipeline, "load_data", lambda *a, **k: splits)
@@ -125,11 +126,18 @@ def test_nnx_factory_runs_every_stage_and_its_checkpoint_loads(nnx_run):
   config, workdir, summary, lines, _ = nnx_run
   assert summary["pruned"]["network"]["kind"] == "nnx", summary
   assert summary["pruned"]["params"] < summary["dense"]["params"], summary
-  for stage in ("pretrain", "search", "finetune_blocks", "finetune_channels"):
-    assert stage in summary["stages"], summary["stages"]
+  assert sorted(summary["stages"]) == ["finetune_blocks", "finetune_channels", "prune", "search"], summary["stages"]
   final = os.path.join(workdir, "checkpoints", "finetune_channels")
   network, variables, _ = bp.load_stage(final)
-  assert isinstance(network, NnxFlaxNetwork) and network.plan is not None
+  assert isinstance(network, NnxFlaxNetwork) and network.describe() == summary["pruned"]["network"]
+  removed = sorted({"blocks/0", "blocks/1"} - set(summary["pruned"]["blocks_kept"]))
+  assert network.plan["removed_blocks"] == removed, (network.plan, summary["pruned"])
+  assert network.group_widths == summary["pruned"]["channels_per_group"]
+  # init: fresh variables of the factory's module from the key (its initializers ran for the run)
+  dense = bp.FlaxNetwork.from_factory(FACTORY, 3, (32, 32, 3))
+  a, b = dense.init(jax.random.PRNGKey(1)), dense.init(jax.random.PRNGKey(2))
+  assert jax.tree.map(np.shape, a) == jax.tree.map(lambda s: s.shape, dict(dense.variable_shapes()))
+  assert not np.array_equal(a["params"]["stem"]["kernel"], b["params"]["stem"]["kernel"])
   model, same = bp.load_network(final)
   assert isinstance(model, bp.NnxNetwork)
   x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
@@ -147,10 +155,6 @@ def test_nnx_run_resumed_after_losing_its_last_stage_ends_as_the_uninterrupted_o
   for name in ("summary.json", "report.md"):
     if os.path.exists(os.path.join(work, name)):
       os.remove(os.path.join(work, name))
-  shutil.rmtree(os.path.join(work, "checkpoints", "finetune_channels"))
-  with open(os.path.join(work, "metrics.jsonl")) as f:
-    kept = [line for line in f if '"finetune_channels"' not in line and '"prune"' not in line]
-  with open(os.path.join(work, "metrics.jsonl"), "w") as f:
-    f.writelines(kept)
+  shutil.rmtree(os.path.join(work, "checkpoints", "finetune_channels"))  # its metrics lines stay: resume drops them
   pipeline.run_pipeline(config, work, resume=True, progress=False, log=lambda s: None)
   _assert_same_run(_final(workdir), _final(work))

@@ -1,11 +1,13 @@
 """User networks as a user would write them, for the pipeline tests (``model=tests/user_models.py:make_vgg``).
 
 Plain ``flax.linen`` classifiers that know nothing of bpcp_jax: a VGG-style network with
-BatchNorm and dropout, and a small residual network with identity blocks.
+BatchNorm and dropout, and a small residual network with identity blocks; and a ``flax.nnx`` one
+(``make_nnx_resnet(num_classes=..., rngs=...)``).
 """
 
 import flax.linen as nn
 import jax.numpy as jnp
+from flax import nnx
 
 
 class VGG(nn.Module):
@@ -59,9 +61,6 @@ def make_resnet(num_classes=10):
 
 # -- a flax.nnx network: factory(num_classes=..., rngs=...) ---------------------------------------
 
-from flax import nnx  # noqa: E402
-
-
 class NnxBlock(nnx.Module):
   def __init__(self, width, hidden, rngs):
     self.conv1 = nnx.Conv(width, hidden, (3, 3), use_bias=False, rngs=rngs)
@@ -95,4 +94,5 @@ def make_nnx_resnet(num_classes=10, rngs=None, dropout=0.2):
 
 
 def make_nnx_resnet_without_rngs(num_classes=10):
-  return NnxResNet(num_classes, nnx.Rngs(0))
+  """Refused: an NNX factory takes ``rngs`` (here the module is built abstractly, only to be cheap)."""
+  return nnx.eval_shape(lambda: NnxResNet(num_classes, nnx.Rngs(0)))

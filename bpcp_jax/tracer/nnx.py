@@ -94,6 +94,19 @@ def _write(model, leaves: Mapping, missing: Optional[list] = None, by_collection
       missing.append(key)
 
 
+def placeholders(model: nnx.Module) -> nnx.Module:
+  """``model`` (from ``nnx.eval_shape``, abstract) made concrete in place and returned: zeros for
+  its variables, key 0 for its RNG streams; no initializer runs."""
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.Variable):
+      v = node.get_value()
+      if isinstance(node, nnx.RngKey):
+        node.set_value(jnp.broadcast_to(jax.random.key(0), v.shape))
+      elif isinstance(v, jax.ShapeDtypeStruct):
+        node.set_value(jnp.asarray(np.zeros(v.shape, v.dtype)))
+  return model
+
+
 def _scope_name(path, model) -> str:
   return ".".join(map(str, path)) if path else type(model).__name__
 

@@ -71,7 +71,9 @@ def resolve_factory(ref: str):
 def call_factory(ref: str, num_classes: int, kwargs: Optional[Mapping] = None, rng=None):
   """``factory(num_classes=..., **kwargs)`` (``num_classes`` only if the factory takes it): a
   ``flax.linen`` module, or a ``flax.nnx`` module when the factory takes ``rngs``, which gets
-  ``rngs=nnx.Rngs(rng)`` (``rng``: a PRNG key or an int seed, default 0)."""
+  ``rngs=nnx.Rngs(rng)`` (``rng``: a PRNG key or an int seed). Without ``rng`` an NNX module is
+  made by ``nnx.eval_shape`` with zeros for its variables (``tracer.nnx.placeholders``): its
+  structure and shapes, without running (and compiling) its initializers."""
   import flax.linen as nn
   from flax import nnx
 
@@ -84,15 +86,29 @@ def call_factory(ref: str, num_classes: int, kwargs: Optional[Mapping] = None, r
     params, takes_classes = {}, False
   if takes_classes:
     kwargs.setdefault("num_classes", num_classes)
-  if "rngs" in params:
-    if rng is not None and not isinstance(rng, int) and not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
-      rng = jax.random.wrap_key_data(rng)  # a raw jax.random.PRNGKey
-    kwargs["rngs"] = nnx.Rngs(0 if rng is None else rng)
+  takes_rngs = "rngs" in params
+  if rng is not None and not isinstance(rng, int) and not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    rng = jax.random.wrap_key_data(rng)  # a raw jax.random.PRNGKey
+
+  def make():
+    module = fn(**kwargs, **({"rngs": nnx.Rngs(0 if rng is None else rng)} if takes_rngs else {}))
+    if takes_rngs and not isinstance(module, nnx.Module):
+      raise ModelSourceError(f"model factory {ref} takes 'rngs' but returned {type(module).__name__}, not a "
+                             "flax.nnx Module (a flax.linen factory takes no rngs)")
+    return module
+
   try:
-    module = fn(**kwargs)
+    if takes_rngs and rng is None:
+      from bpcp_jax.tracer.nnx import placeholders
+
+      module = placeholders(nnx.eval_shape(make))
+    else:
+      module = make()
+  except ModelSourceError:
+    raise
   except Exception as e:
     raise ModelSourceError(f"model factory {ref} failed: {type(e).__name__}: {e}") from e
-  if isinstance(module, nnx.Module) and "rngs" not in params:
+  if isinstance(module, nnx.Module) and not takes_rngs:
     raise ModelSourceError(f"model factory {ref} returned a flax.nnx Module ({type(module).__name__}) but takes no "
                            "'rngs' argument: write it as factory(num_classes=..., rngs=nnx.Rngs(0)) and build the "
                            "module with those rngs, so that the network can be initialised from a given key")
