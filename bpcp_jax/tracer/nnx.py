@@ -26,6 +26,9 @@ train-mode forward it runs) with ``training/batch_stats.py``.
 The plan has the linen format (``{"layers": {path: {attribute: value}}, "removed_blocks": [...]}``),
 here with every layer's shape attributes, and rebuilds a checkpoint: ``narrow_nnx(factory(), plan,
 state)``. A materialized module can be traced and pruned again; the plan then covers both rounds.
+
+``NnxFlaxNetwork`` is the pipeline's network for an NNX factory: ``FlaxNetwork`` over the
+``NnxNetwork`` view, initialised from the factory and materialized by ``rebuild_nnx``.
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ Train mode: a module whose ``__call__`` takes ``train`` gets ``train=True/False`
 when the step is mapped over devices, averaged over them after the step (the network's own
 BatchNorm normalises each device's batch, as flax's examples do unless ``axis_name`` is set);
 dropout draws from the ``dropout`` stream of the key the step passes.
+
+A factory that takes ``rngs`` returns a ``flax.nnx`` module: ``from_factory`` then gives its
+subclass ``tracer.nnx.NnxFlaxNetwork``, which runs the module through the ``NnxNetwork`` view.
 """
 
 from __future__ import annotations
