@@ -61,7 +61,8 @@ def model_from_spec(spec: ArchSpec, **module_kwargs) -> ResNet:
 
 
 __all__ = [
-    "ArchSpec", "BlockSpec", "FAMILIES", "FamilyNetwork", "FlaxNetwork", "NnxFlaxNetwork", "NnxNetwork", "OpTimer", "PLAN_FORMAT",
+    "ArchSpec", "BlockSpec", "FAMILIES", "FamilyNetwork", "FlaxNetwork", "NnxFlaxNetwork", "NnxNetwork", "OpTimer",
+    "PLAN_FORMAT",
     "PrunableNetwork", "PrunedNetwork", "RebuildError", "RebuildReport", "RebuildWarning", "ResNet", "Selection",
     "Skipped", "StageSpec", "load_network", "load_stage", "load_weights", "network_from_description", "select_blocks",
     "TracedNetwork", "check_masks", "check_traced_masks", "count_leaves", "count_params_macs", "count_traced",
@@ -69,6 +70,7 @@ __all__ = [
     "hard_gates", "init_masks", "init_traced_masks", "kept_blocks", "layer_report", "layer_table",
     "make_predictor", "masked_apply", "materialize", "materialize_masks", "materialize_nnx", "materialize_traced",
     "measure_latency", "model_from_spec", "narrow", "narrow_nnx", "parse_model_name", "plan_of", "pruned_spec",
-    "pruning_plan", "rebuild", "rebuild_nnx", "recalibrate_batch_stats", "recalibrate_nnx", "sample_gates", "select_pruning", "select_resnet",
+    "pruning_plan", "rebuild", "rebuild_nnx", "recalibrate_batch_stats", "recalibrate_nnx", "sample_gates",
+    "select_pruning", "select_resnet",
     "trace_network", "trace_nnx", "traced_importance",
 ]

@@ -84,7 +84,7 @@ def test_nnx_factory_materialized_equals_masked_in_eval_and_train_mode_and_rebui
 
 
 def test_nnx_factory_without_rngs_and_unsupported_variables_are_named():
-  with pytest.raises(ModelSourceError, match="make_nnx_resnet_without_rngs returned a flax.nnx Module .* takes no 'rngs'"):
+  with pytest.raises(ModelSourceError, match="make_nnx_resnet_without_rngs returned a flax.nnx Module .* no 'rngs'"):
     bp.FlaxNetwork.from_factory(f"{USER_MODELS}:make_nnx_resnet_without_rngs", 3, (32, 32, 3))
 
   class Counted(nnx.Variable):

@@ -580,8 +580,9 @@ class NnxFlaxNetwork(FlaxNetwork):
 
   def variable_shapes(self):
     if self._var_shapes is None:
+      known = (*COLLECTIONS.values(), nnx.RngState)
       other = [f"{'/'.join(map(str, path))} ({type(node).__name__})" for path, node in nnx.iter_graph(self.module.merge())
-               if isinstance(node, nnx.Variable) and not isinstance(node, (*COLLECTIONS.values(), nnx.RngState))]
+               if isinstance(node, nnx.Variable) and not isinstance(node, known)]
       if other:
         raise ValueError(f"{self.label}: variables {', '.join(other[:5])} are not supported (only nnx.Param, "
                          "nnx.BatchStat and RNG streams)")
@@ -613,11 +614,12 @@ class NnxFlaxNetwork(FlaxNetwork):
     src = desc["source"]
     net = FlaxNetwork.from_factory(src["factory"], src["num_classes"], desc["input_shape"], src.get("kwargs"))
     if not isinstance(net, NnxFlaxNetwork):
-      raise ValueError(f"model factory {src['factory']} returns a flax.linen module; the description is of a flax.nnx one")
+      raise ValueError(f"model factory {src['factory']} returns a flax.linen module; the description is of a "
+                       "flax.nnx one")
     if not desc.get("plan"):
       return net
     dense = leaves_by_path(net.module.variables())
-    zeros = {p: np.zeros(shape, dense[p].dtype if p in dense else np.float32) for p, shape in desc["variable_shapes"].items()}
+    zeros = {p: np.zeros(shape, dense[p].dtype) for p, shape in desc["variable_shapes"].items()}
     model = narrow_nnx(net.module.merge(), desc["plan"], traverse_util.unflatten_dict(zeros, sep="/"))
     return dataclasses.replace(net, module=NnxNetwork.of(model), plan=copy.deepcopy(desc["plan"]),
                                prunings=tuple(dict(p) for p in desc.get("prunings", ())))

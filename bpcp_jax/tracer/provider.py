@@ -116,7 +116,8 @@ def call_factory(ref: str, num_classes: int, kwargs: Optional[Mapping] = None, r
                            "'rngs' argument: write it as factory(num_classes=..., rngs=nnx.Rngs(0)) and build the "
                            "module with those rngs, so that the network can be initialised from a given key")
   if not isinstance(module, (nn.Module, nnx.Module)):
-    raise ModelSourceError(f"model factory {ref} returned {type(module).__name__}, not a flax.linen or flax.nnx Module")
+    raise ModelSourceError(f"model factory {ref} returned {type(module).__name__}, not a flax.linen Module "
+                           "(nor a flax.nnx one)")
   return module
 
 
