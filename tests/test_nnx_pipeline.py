@@ -4,7 +4,7 @@ A small NNX residual network (BatchNorm, two identity blocks, dropout; ``tests/u
 every stage of ``run_pipeline`` on a few random 32x32 images; its materialized networks equal the
 masked ones in eval and train mode; the final checkpoint loads with ``bp.load_network`` to the same
 outputs; a run resumed after its last stage was lost ends bit for bit where the uninterrupted one
-ended; a factory that returns an NNX module but takes no ``rngs`` is refused by name.
+ended (marked slow); a factory that returns an NNX module but takes no ``rngs`` is refused by name.
 """
 
 import os
@@ -66,7 +66,7 @@ def test_nnx_factory_materialized_equals_masked_in_eval_and_train_mode_and_rebui
   masked_out, masked_stats = net.apply(variables, x, train=True, masks=masks, rng=jax.random.key(2))
   _close(out, masked_out)
   # the updated statistics: those of the masked network, sliced as the variables are
-  _, want = net.materialize({**variables, "batch_stats": masked_stats}, masks)
+  _, want = bp.materialize_traced(net.traced, {**variables, "batch_stats": masked_stats}, masks)
   assert jax.tree.structure(stats) == jax.tree.structure(want["batch_stats"])
   _close(stats, want["batch_stats"])
   # the user's own classes, narrowed, with the variables written in
@@ -109,7 +109,7 @@ def nnx_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("nnx") / "run")
   # no pretrain (the search starts from the factory's initialisation): a compilation less
   config = apply_overrides(load_config_file(TINY), [f"model={FACTORY}", "num_classes=3", "batch_size=8",
-                                                    "eval_batch_size=8", "profile.batch_sizes=2",
+                                                    "eval_batch_size=8", "profile.batch_sizes=2", "profile.repeats=1",
                                                     "stages.run=search,finetune_blocks,prune,finetune_channels"])
   splits = (_split(24, 0), _split(8, 1))
   mp = pytest.MonkeyPatch()
@@ -148,6 +148,7 @@ def test_nnx_factory_runs_every_stage_and_its_checkpoint_loads(nnx_run):
   _close(m(x), logits)
 
 
+@pytest.mark.slow  # 12-14 s more (README: pytest -m slow), as the linen network's resume test
 def test_nnx_run_resumed_after_losing_its_last_stage_ends_as_the_uninterrupted_one(nnx_run, tmp_path):
   config, workdir, _, _, _ = nnx_run
   work = str(tmp_path / "resumed")
