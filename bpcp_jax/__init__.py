@@ -34,7 +34,8 @@ from bpcp_jax.tracer.network import (
 )
 from bpcp_jax.tracer.rebuild import (PLAN_FORMAT, RebuildError, RebuildReport, RebuildWarning, narrow, plan_of,
                                      pruning_plan, rebuild)
-from bpcp_jax.tracer.nnx import NnxNetwork, Skipped, materialize_nnx, narrow_nnx, recalibrate_nnx, trace_nnx
+from bpcp_jax.tracer.nnx import (NnxFlaxNetwork, NnxNetwork, Skipped, materialize_nnx, narrow_nnx, recalibrate_nnx,
+                                 rebuild_nnx, trace_nnx)
 from bpcp_jax.run.compile_cache import enable_compilation_cache
 from bpcp_jax.deploy.latency import OpTimer, measure_latency
 from bpcp_jax.deploy.predictor import make_predictor
@@ -60,7 +61,8 @@ def model_from_spec(spec: ArchSpec, **module_kwargs) -> ResNet:
 
 
 __all__ = [
-    "ArchSpec", "BlockSpec", "FAMILIES", "FamilyNetwork", "FlaxNetwork", "NnxNetwork", "OpTimer", "PLAN_FORMAT",
+    "ArchSpec", "BlockSpec", "FAMILIES", "FamilyNetwork", "FlaxNetwork", "NnxFlaxNetwork", "NnxNetwork", "OpTimer",
+    "PLAN_FORMAT",
     "PrunableNetwork", "PrunedNetwork", "RebuildError", "RebuildReport", "RebuildWarning", "ResNet", "Selection",
     "Skipped", "StageSpec", "load_network", "load_stage", "load_weights", "network_from_description", "select_blocks",
     "TracedNetwork", "check_masks", "check_traced_masks", "count_leaves", "count_params_macs", "count_traced",
@@ -68,6 +70,7 @@ __all__ = [
     "hard_gates", "init_masks", "init_traced_masks", "kept_blocks", "layer_report", "layer_table",
     "make_predictor", "masked_apply", "materialize", "materialize_masks", "materialize_nnx", "materialize_traced",
     "measure_latency", "model_from_spec", "narrow", "narrow_nnx", "parse_model_name", "plan_of", "pruned_spec",
-    "pruning_plan", "rebuild", "recalibrate_batch_stats", "recalibrate_nnx", "sample_gates", "select_pruning", "select_resnet",
+    "pruning_plan", "rebuild", "rebuild_nnx", "recalibrate_batch_stats", "recalibrate_nnx", "sample_gates",
+    "select_pruning", "select_resnet",
     "trace_network", "trace_nnx", "traced_importance",
 ]

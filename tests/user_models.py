@@ -1,11 +1,13 @@
 """User networks as a user would write them, for the pipeline tests (``model=tests/user_models.py:make_vgg``).
 
 Plain ``flax.linen`` classifiers that know nothing of bpcp_jax: a VGG-style network with
-BatchNorm and dropout, and a small residual network with identity blocks.
+BatchNorm and dropout, and a small residual network with identity blocks; and a ``flax.nnx`` one
+(``make_nnx_resnet(num_classes=..., rngs=...)``).
 """
 
 import flax.linen as nn
 import jax.numpy as jnp
+from flax import nnx
 
 
 class VGG(nn.Module):
@@ -55,3 +57,42 @@ def make_vgg(num_classes=10):
 
 def make_resnet(num_classes=10):
   return ResNetLike(num_classes=num_classes)
+
+
+# -- a flax.nnx network: factory(num_classes=..., rngs=...) ---------------------------------------
+
+class NnxBlock(nnx.Module):
+  def __init__(self, width, hidden, rngs):
+    self.conv1 = nnx.Conv(width, hidden, (3, 3), use_bias=False, rngs=rngs)
+    self.bn1 = nnx.BatchNorm(hidden, momentum=0.9, rngs=rngs)
+    self.conv2 = nnx.Conv(hidden, width, (3, 3), use_bias=False, rngs=rngs)
+    self.bn2 = nnx.BatchNorm(width, momentum=0.9, rngs=rngs)
+
+  def __call__(self, x):
+    return x + self.bn2(self.conv2(nnx.relu(self.bn1(self.conv1(x)))))
+
+
+class NnxResNet(nnx.Module):
+  """A stride-2 stem, two identity residual blocks ``x + f(x)``, dropout and a linear head."""
+
+  def __init__(self, num_classes, rngs, dropout=0.2):
+    self.stem = nnx.Conv(3, 8, (3, 3), strides=(2, 2), use_bias=False, rngs=rngs)
+    self.bn = nnx.BatchNorm(8, momentum=0.9, rngs=rngs)
+    self.blocks = nnx.List([NnxBlock(8, 6, rngs) for _ in range(2)])
+    self.drop = nnx.Dropout(dropout, rngs=rngs)
+    self.head = nnx.Linear(8, num_classes, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.bn(self.stem(x)))
+    for block in self.blocks:
+      x = block(x)
+    return self.head(self.drop(jnp.mean(nnx.relu(x), axis=(1, 2))))
+
+
+def make_nnx_resnet(num_classes=10, rngs=None, dropout=0.2):
+  return NnxResNet(num_classes, rngs, dropout)
+
+
+def make_nnx_resnet_without_rngs(num_classes=10):
+  """Refused: an NNX factory takes ``rngs`` (here the module is built abstractly, only to be cheap)."""
+  return nnx.eval_shape(lambda: NnxResNet(num_classes, nnx.Rngs(0)))

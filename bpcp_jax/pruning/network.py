@@ -6,8 +6,9 @@ same kind, count, deploy and save. Two providers implement it:
 
 - ``bpcp_jax.families.provider.FamilyNetwork``: the declared CIFAR ResNet families (the
   reference: the layer table and groups are declared, numerics are the original code's);
-- ``bpcp_jax.tracer.provider.FlaxNetwork``: any ``flax.linen`` classifier (or an adapted NNX
-  module), its groups and blocks found by tracing it (``bpcp_jax.tracer``).
+- ``bpcp_jax.tracer.provider.FlaxNetwork``: any ``flax.linen`` classifier, its groups and blocks
+  found by tracing it (``bpcp_jax.tracer``); its subclass ``bpcp_jax.tracer.nnx.NnxFlaxNetwork``
+  any ``flax.nnx`` classifier, traced through the ``NnxNetwork`` view.
 
 No stage knows which provider it runs. ``describe()`` gives a JSON description that
 ``network_from_description`` turns back into the same network (the checkpoint's ``network``
@@ -129,4 +130,8 @@ def network_from_description(desc: Mapping[str, Any], **options) -> PrunableNetw
     from bpcp_jax.tracer.provider import FlaxNetwork
 
     return FlaxNetwork.from_description(desc, **options)
-  raise ValueError(f"unknown network kind {kind!r} in a network description (known: family, flax)")
+  if kind == "nnx":
+    from bpcp_jax.tracer.nnx import NnxFlaxNetwork
+
+    return NnxFlaxNetwork.from_description(desc, **options)
+  raise ValueError(f"unknown network kind {kind!r} in a network description (known: family, flax, nnx)")

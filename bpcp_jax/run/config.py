@@ -32,7 +32,8 @@ def default_config() -> ml_collections.ConfigDict:
   """The paper's recipe (ResNet-v2-56, 160 epochs per training stage, CIFAR-10): ``DEFAULT_CONFIG_TEXT``."""
   c = ml_collections.ConfigDict()
   # a family network ("resnet_v2_56") or your own Flax classifier: "path/to/file.py:make_model" or
-  # "package.module:make_model" (called with num_classes if it takes it; traced to find its groups)
+  # "package.module:make_model" (called with num_classes if it takes it, and with rngs=nnx.Rngs(...) when it
+  # makes a flax.nnx module; traced to find its groups)
   c.model = "resnet_v2_56"
   c.num_classes = 10
   # start from trained weights instead of a fresh init: an orbax checkpoint directory or a flax

@@ -84,7 +84,8 @@ def is_family(model: str) -> bool:
 
 def build_network(config, input_shape=(32, 32, 3)) -> PrunableNetwork:
   """The dense network ``config.model`` names: a family (``resnet_v2_56``) or a Flax factory
-  (``path/to/file.py:make_model`` / ``package.module:make_model``, called with ``num_classes``)."""
+  (``path/to/file.py:make_model`` / ``package.module:make_model``, called with ``num_classes``, and
+  with ``rngs`` when it makes a ``flax.nnx`` module)."""
   if config.dtype not in DTYPES:
     raise ValueError(f"config key 'dtype' must be one of {sorted(DTYPES)}, got {config.dtype!r}")
   if is_family(config.model):

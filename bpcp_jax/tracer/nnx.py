@@ -26,6 +26,9 @@ train-mode forward it runs) with ``training/batch_stats.py``.
 The plan has the linen format (``{"layers": {path: {attribute: value}}, "removed_blocks": [...]}``),
 here with every layer's shape attributes, and rebuilds a checkpoint: ``narrow_nnx(factory(), plan,
 state)``. A materialized module can be traced and pruned again; the plan then covers both rounds.
+
+``NnxFlaxNetwork`` is the pipeline's network for an NNX factory: ``FlaxNetwork`` over the
+``NnxNetwork`` view, initialised from the factory and materialized by ``rebuild_nnx``.
 """
 
 from __future__ import annotations
@@ -38,10 +41,11 @@ from typing import Any, Mapping, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
-from bpcp_jax.tracer.provider import mode_kwargs
-from bpcp_jax.tracer.network import TracedNetwork, leaves_by_path, materialize_traced, trace_network
+from bpcp_jax.tracer.provider import FlaxNetwork, call_factory, mode_kwargs
+from bpcp_jax.tracer.network import (PrunedNetwork, TracedNetwork, leaves_by_path, materialize_traced,
+                                     prune_decision, trace_network)
 from bpcp_jax.tracer.rebuild import (PLAN_FORMAT, conv_groups, draws_random_numbers, RebuildError, RebuildReport, _Call, _check_plan, _concrete_inputs,
                                      _max_diff, _shapes, removed_block_modules)
 
@@ -60,14 +64,15 @@ def _path_key(col: str, path) -> str:
 
 
 def _collect(model, col: str) -> dict:
-  """``{"conv": {"kernel": array}, "blocks": {0: ...}}``: the values of ``model``'s variables of collection ``col``."""
+  """``{"conv": {"kernel": array}, "blocks": {"0": ...}}``: the values of ``model``'s variables of collection
+  ``col`` (keys are strings, list indices too, as a checkpoint restores them)."""
   out: dict = {}
   for path, node in nnx.iter_graph(model):
     if isinstance(node, COLLECTIONS[col]):
       d = out
       for part in path[:-1]:
-        d = d.setdefault(part, {})
-      d[path[-1]] = node.get_value()
+        d = d.setdefault(str(part), {})
+      d[str(path[-1])] = node.get_value()
   return out
 
 
@@ -87,9 +92,22 @@ def _write(model, leaves: Mapping, missing: Optional[list] = None, by_collection
     else:
       key = "/".join(map(str, path))
     if key in leaves:
-      node.set_value(leaves[key])
+      node.set_value(jnp.asarray(leaves[key]))  # a NumPy array would be updated in place (BatchNorm)
     elif missing is not None:
       missing.append(key)
+
+
+def placeholders(model: nnx.Module) -> nnx.Module:
+  """``model`` (from ``nnx.eval_shape``, abstract) made concrete in place and returned: zeros for
+  its variables, key 0 for its RNG streams; no initializer runs."""
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.Variable):
+      v = node.get_value()
+      if isinstance(node, nnx.RngKey):
+        node.set_value(jnp.broadcast_to(jax.random.key(0), v.shape))
+      elif isinstance(v, jax.ShapeDtypeStruct):
+        node.set_value(jnp.asarray(np.zeros(v.shape, v.dtype)))
+  return model
 
 
 def _scope_name(path, model) -> str:
@@ -136,9 +154,16 @@ class NnxNetwork:
       raise TypeError(f"expected a flax.nnx.Module, got {type(model).__qualname__}")
     return cls(*nnx.split(nnx.clone(model)))
 
-  def merge(self) -> nnx.Module:
-    """A fresh copy of the module."""
-    return nnx.merge(self.graphdef, self.state, copy=True)
+  def merge(self, variables: Optional[Mapping] = None) -> nnx.Module:
+    """A fresh copy of the module, with ``variables`` (the layout of ``variables()``) written in when given."""
+    model = nnx.merge(self.graphdef, self.state, copy=True)
+    if variables is not None:
+      missing: list = []
+      _write(model, leaves_by_path(variables), missing)
+      if missing:
+        raise ValueError(f"the variables given have no {missing[0]} (and {len(missing) - 1} more) of "
+                         f"{type(model).__qualname__}")
+    return model
 
   def variables(self) -> dict:
     """``{"params": ..., "batch_stats": ...}`` (the collections the module has) of nested dicts of arrays."""
@@ -147,12 +172,18 @@ class NnxNetwork:
     return {col: tree for col, tree in out.items() if tree}
 
   def apply(self, variables, *inputs, train: bool = False, mutable=False, rng: Optional[jax.Array] = None,
-            _recorder: Optional[dict] = None):
+            rngs: Optional[Mapping] = None, _recorder: Optional[dict] = None):
     """``model(*inputs)`` on a copy with ``variables`` written in, after ``model.train()`` or
     ``model.eval()`` and with ``train=``/``deterministic=`` passed when ``__call__`` takes one (a
     module ported from linen may set its BatchNorms' mode from it). ``rng``: a key the copy's RNG
     streams (dropout) are reseeded from, one ``fold_in`` per stream; without one they draw as they
-    are in the snapshot. ``mutable``: collections to return the updated values of, as linen does."""
+    are in the snapshot. ``rngs``: linen's form of it, ``{"dropout": key}`` (``rng`` = that key).
+    ``mutable``: collections to return the updated values of, as linen does."""
+    if rngs:
+      if set(rngs) != {"dropout"} or rng is not None:
+        raise ValueError(f"rngs= takes one key, {{'dropout': key}} (the key every RNG stream of the module is "
+                         f"reseeded from), got {sorted(rngs)}{' and rng=' if rng is not None else ''}")
+      rng = rngs["dropout"]
     model = self.merge()
     _write(model, leaves_by_path(variables))
     model.train() if train else model.eval()
@@ -455,14 +486,25 @@ def materialize_nnx(net: TracedNetwork, variables, masks: Mapping, *example_inpu
   shaped like the traced ones) in eval and train mode, outputs and updated statistics to ``tol``.
   Raises ``RebuildError`` naming each module that cannot be materialized and why.
   """
-  adapter = net.model
-  if not isinstance(adapter, NnxNetwork):
-    raise TypeError(f"materialize_nnx needs a network traced by trace_nnx, got one of {type(adapter).__qualname__}")
+  if not isinstance(net.model, NnxNetwork):
+    raise TypeError(f"materialize_nnx needs a network traced by trace_nnx, got one of {type(net.model).__qualname__}")
   inputs = _concrete_inputs(net, example_inputs)
   # sliced as NumPy arrays (no gather compiled per leaf shape), then back on the device
-  pruned, small_vars = materialize_traced(net, jax.tree_util.tree_map(np.asarray, variables), masks, *inputs)
-  small_vars = jax.tree_util.tree_map(jnp.asarray, small_vars)
-  calls = _record_calls(adapter, variables, inputs, net.modes)
+  _, small_vars = materialize_traced(net, jax.tree_util.tree_map(np.asarray, variables), masks, *inputs)
+  return rebuild_nnx(net, jax.tree_util.tree_map(jnp.asarray, small_vars), masks, *inputs, tol=tol)
+
+
+def rebuild_nnx(net: TracedNetwork, small_vars, masks: Mapping, *example_inputs,
+                tol: float = 1e-5) -> tuple[nnx.Module, RebuildReport]:
+  """``(module, report)`` as ``materialize_nnx`` gives them, from the smaller variables
+  ``materialize_traced(net, variables, masks)`` gives (``rebuild`` for NNX modules): ``small_vars``
+  written into the narrowed module, which is checked against the ``PrunedNetwork`` on them."""
+  adapter = net.model
+  if not isinstance(adapter, NnxNetwork):
+    raise TypeError(f"rebuild_nnx needs a network traced by trace_nnx, got one of {type(adapter).__qualname__}")
+  inputs = _concrete_inputs(net, example_inputs)
+  pruned = PrunedNetwork(prune_decision(net, masks), _shapes(small_vars))
+  calls = _record_calls(adapter, net.var_shapes, inputs, net.modes)
   removed, problems = removed_block_modules(net, masks, calls, inputs, _shapes(small_vars))
   notes: list = []
   plan = None
@@ -500,6 +542,8 @@ def _check(small: NnxNetwork, reference, small_vars, inputs, modes: Mapping, tol
     if mode not in ("eval", "train"):
       continue
     ref_kw = {"train": mode == "train", "mutable": kw.get("mutable", False)}
+    if kw.get("rngs"):  # random ops draw from the keys given at call time, in both
+      ref_kw["rngs"] = kw["rngs"]
     ref = jax.jit(lambda v, x: reference.apply(v, *x, **ref_kw))(small_vars, tuple(inputs))
     try:
       out = jax.jit(lambda v, x, kw=kw: small.apply(v, *x, **kw))(own_vars, tuple(inputs))
@@ -517,3 +561,79 @@ def _check(small: NnxNetwork, reference, small_vars, inputs, modes: Mapping, tol
       problems.append(f"<top>: in {mode} mode the materialized module differs from the pruned program by "
                       f"{diffs[mode]:.3g} (a width or constant computed in the module's code)")
   return problems, diffs
+
+
+# -- in the pipeline ------------------------------------------------------------------------------
+
+@dataclasses.dataclass(eq=False)
+class NnxFlaxNetwork(FlaxNetwork):
+  """A ``flax.nnx`` classifier as a ``PrunableNetwork``: ``FlaxNetwork`` run on the module's
+  ``NnxNetwork`` view (``module``), so the pipeline, masks, block search, channel selection and
+  counting work as for a linen module. ``FlaxNetwork.from_factory`` makes one when the factory,
+  called as ``factory(num_classes=..., rngs=nnx.Rngs(0))``, returns an ``nnx.Module``.
+
+  - ``init(rng)``: the variables (``NnxNetwork.variables()`` layout) of ``factory(..., rngs=nnx.Rngs(rng))``;
+    only for the dense network (a narrowed one has no initializer of its own).
+  - ``apply``: ``train=`` switches ``model.train()``/``model.eval()``; the dropout key reseeds the
+    module's RNG streams (``NnxNetwork.apply``); statistics are averaged over ``axis_name`` as
+    ``FlaxNetwork`` does.
+  - ``materialize``: the smaller network as the user's NNX classes (``rebuild_nnx``, as
+    ``materialize_nnx``); its ``plan`` and variable shapes are in ``describe()`` (kind ``"nnx"``), from
+    which ``from_description`` narrows the factory's module again (``narrow_nnx``).
+  - ``deployable()``: the ``NnxNetwork`` view (``apply(variables, x)`` in eval mode, what
+    ``make_predictor`` runs); ``deployable().merge(variables)`` is the ``nnx.Module`` itself.
+
+  Variables other than ``nnx.Param``, ``nnx.BatchStat`` and RNG streams are refused (``ValueError``
+  naming them): the view would hold them fixed.
+  """
+
+  plan: Optional[dict] = None  # the materialize plan (rebuild_nnx), None for the factory's network
+
+  def _mode(self, train: bool) -> dict:
+    return {"train": train}
+
+  def variable_shapes(self):
+    if self._var_shapes is None:
+      known = (*COLLECTIONS.values(), nnx.RngState)
+      other = [f"{'/'.join(map(str, path))} ({type(node).__name__})" for path, node in nnx.iter_graph(self.module.merge())
+               if isinstance(node, nnx.Variable) and not isinstance(node, known)]
+      if other:
+        raise ValueError(f"{self.label}: variables {', '.join(other[:5])} are not supported (only nnx.Param, "
+                         "nnx.BatchStat and RNG streams)")
+      self._var_shapes = _shapes(self.module.variables())
+    return self._var_shapes
+
+  def init(self, rng) -> dict:
+    if self.plan is not None or self.source is None:
+      raise ValueError(f"{self.label}: only the network its factory makes can be initialised (this one is "
+                       f"{'materialized' if self.plan is not None else 'not made from a factory'})")
+    src = self.source
+    return NnxNetwork.of(call_factory(src["factory"], src["num_classes"], src.get("kwargs"), rng=rng)).variables()
+
+  def _smaller(self, small_vars, masks, decision) -> "NnxFlaxNetwork":
+    model, report = rebuild_nnx(self.traced, small_vars, masks)
+    return dataclasses.replace(self, module=NnxNetwork.of(model), plan=report.plan,
+                               prunings=self.prunings + (decision,), _traced=None, _var_shapes=None)
+
+  def describe(self) -> dict:
+    desc = {**super().describe(), "kind": "nnx", "plan": copy.deepcopy(self.plan)}
+    if self.plan is not None:
+      desc["variable_shapes"] = {p: list(s.shape) for p, s in leaves_by_path(self.variable_shapes()).items()}
+    return desc
+
+  @classmethod
+  def from_description(cls, desc: Mapping[str, Any], **options) -> "NnxFlaxNetwork":
+    """The factory's module, narrowed by the stored plan (its variables zeros of the stored shapes,
+    to be replaced by the checkpoint's)."""
+    src = desc["source"]
+    net = FlaxNetwork.from_factory(src["factory"], src["num_classes"], desc["input_shape"], src.get("kwargs"))
+    if not isinstance(net, NnxFlaxNetwork):
+      raise ValueError(f"model factory {src['factory']} returns a flax.linen module; the description is of a "
+                       "flax.nnx one")
+    if not desc.get("plan"):
+      return net
+    dense = leaves_by_path(net.module.variables())
+    zeros = {p: np.zeros(shape, dense[p].dtype) for p, shape in desc["variable_shapes"].items()}
+    model = narrow_nnx(net.module.merge(), desc["plan"], traverse_util.unflatten_dict(zeros, sep="/"))
+    return dataclasses.replace(net, module=NnxNetwork.of(model), plan=copy.deepcopy(desc["plan"]),
+                               prunings=tuple(dict(p) for p in desc.get("prunings", ())))

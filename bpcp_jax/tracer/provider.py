@@ -11,6 +11,9 @@ Train mode: a module whose ``__call__`` takes ``train`` gets ``train=True/False`
 when the step is mapped over devices, averaged over them after the step (the network's own
 BatchNorm normalises each device's batch, as flax's examples do unless ``axis_name`` is set);
 dropout draws from the ``dropout`` stream of the key the step passes.
+
+A factory that takes ``rngs`` returns a ``flax.nnx`` module: ``from_factory`` then gives its
+subclass ``tracer.nnx.NnxFlaxNetwork``, which runs the module through the ``NnxNetwork`` view.
 """
 
 from __future__ import annotations
@@ -68,9 +71,14 @@ def resolve_factory(ref: str):
   return fn
 
 
-def call_factory(ref: str, num_classes: int, kwargs: Optional[Mapping] = None):
-  """``factory(num_classes=..., **kwargs)`` (``num_classes`` only if the factory takes it)."""
+def call_factory(ref: str, num_classes: int, kwargs: Optional[Mapping] = None, rng=None):
+  """``factory(num_classes=..., **kwargs)`` (``num_classes`` only if the factory takes it): a
+  ``flax.linen`` module, or a ``flax.nnx`` module when the factory takes ``rngs``, which gets
+  ``rngs=nnx.Rngs(rng)`` (``rng``: a PRNG key or an int seed). Without ``rng`` an NNX module is
+  made by ``nnx.eval_shape`` with zeros for its variables (``tracer.nnx.placeholders``): its
+  structure and shapes, without running (and compiling) its initializers."""
   import flax.linen as nn
+  from flax import nnx
 
   fn = resolve_factory(ref)
   kwargs = dict(kwargs or {})
@@ -78,15 +86,38 @@ def call_factory(ref: str, num_classes: int, kwargs: Optional[Mapping] = None):
     params = inspect.signature(fn).parameters
     takes_classes = "num_classes" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
   except (TypeError, ValueError):
-    takes_classes = False
+    params, takes_classes = {}, False
   if takes_classes:
     kwargs.setdefault("num_classes", num_classes)
+  takes_rngs = "rngs" in params
+  if rng is not None and not isinstance(rng, int) and not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    rng = jax.random.wrap_key_data(rng)  # a raw jax.random.PRNGKey
+
+  def make():
+    module = fn(**kwargs, **({"rngs": nnx.Rngs(0 if rng is None else rng)} if takes_rngs else {}))
+    if takes_rngs and not isinstance(module, nnx.Module):
+      raise ModelSourceError(f"model factory {ref} takes 'rngs' but returned {type(module).__name__}, not a "
+                             "flax.nnx Module (a flax.linen factory takes no rngs)")
+    return module
+
   try:
-    module = fn(**kwargs)
+    if takes_rngs and rng is None:
+      from bpcp_jax.tracer.nnx import placeholders
+
+      module = placeholders(nnx.eval_shape(make))
+    else:
+      module = make()
+  except ModelSourceError:
+    raise
   except Exception as e:
     raise ModelSourceError(f"model factory {ref} failed: {type(e).__name__}: {e}") from e
-  if not isinstance(module, nn.Module):
-    raise ModelSourceError(f"model factory {ref} returned {type(module).__name__}, not a flax.linen Module")
+  if isinstance(module, nnx.Module) and not takes_rngs:
+    raise ModelSourceError(f"model factory {ref} returned a flax.nnx Module ({type(module).__name__}) but takes no "
+                           "'rngs' argument: write it as factory(num_classes=..., rngs=nnx.Rngs(0)) and build the "
+                           "module with those rngs, so that the network can be initialised from a given key")
+  if not isinstance(module, (nn.Module, nnx.Module)):
+    raise ModelSourceError(f"model factory {ref} returned {type(module).__name__}, not a flax.linen Module "
+                           "(nor a flax.nnx one)")
   return module
 
 
@@ -120,14 +151,21 @@ class FlaxNetwork(PrunableNetwork):
 
   @classmethod
   def from_factory(cls, ref: str, num_classes: int, input_shape, kwargs: Optional[Mapping] = None) -> "FlaxNetwork":
-    """The network ``factory(num_classes=...)`` returns. A file reference is kept as an absolute path,
-    so a checkpoint rebuilds it from any working directory."""
+    """The network ``factory(num_classes=...)`` returns; a ``NnxFlaxNetwork`` when it is a
+    ``flax.nnx`` module (``factory(num_classes=..., rngs=nnx.Rngs(0))``). A file reference is kept
+    as an absolute path, so a checkpoint rebuilds it from any working directory."""
+    import flax.linen as nn
+
     where, _, name = ref.rpartition(":")
     if where and (where.endswith(".py") or os.sep in where):
       ref = f"{os.path.abspath(where)}:{name}"
     module = call_factory(ref, num_classes, kwargs)
-    return cls(module, tuple(input_shape), {"factory": ref, "kwargs": dict(kwargs or {}), "num_classes": num_classes},
-               label=ref)
+    source = {"factory": ref, "kwargs": dict(kwargs or {}), "num_classes": num_classes}
+    if not isinstance(module, nn.Module):  # a flax.nnx module (call_factory checked)
+      from bpcp_jax.tracer.nnx import NnxFlaxNetwork, NnxNetwork
+
+      return NnxFlaxNetwork(NnxNetwork.of(module), tuple(input_shape), source, label=ref)
+    return cls(module, tuple(input_shape), source, label=ref)
 
   @classmethod
   def from_description(cls, desc: Mapping[str, Any], **options) -> "FlaxNetwork":
@@ -156,6 +194,10 @@ class FlaxNetwork(PrunableNetwork):
             "prunings": [dict(p) for p in self.prunings], "plan": plan_of(self.module)}
 
   # -- the trace -----------------------------------------------------------------------------
+  def _mode(self, train: bool) -> dict:
+    """The keyword arguments of ``module.apply`` that select train or eval mode."""
+    return mode_kwargs(self.module, train)
+
   def example(self, batch: int = 2):
     return jax.ShapeDtypeStruct((batch, *self.input_shape), jnp.float32)
 
@@ -163,7 +205,7 @@ class FlaxNetwork(PrunableNetwork):
     if self._var_shapes is None:
       shapes = jax.eval_shape(lambda: self.module.init(
           {"params": jax.random.key(0), "dropout": jax.random.key(1)}, jnp.zeros((1, *self.input_shape)),
-          **mode_kwargs(self.module, False)))
+          **self._mode(False)))
       self._var_shapes = dict(shapes)
     return self._var_shapes
 
@@ -177,8 +219,8 @@ class FlaxNetwork(PrunableNetwork):
       if unknown:
         raise ValueError(f"{self.label}: variable collections {unknown} are not supported "
                          "(only params and batch_stats)")
-      modes = {"eval": mode_kwargs(self.module, False),
-               "train": {**mode_kwargs(self.module, True), "mutable": ["batch_stats"] if "batch_stats" in shapes
+      modes = {"eval": self._mode(False),
+               "train": {**self._mode(True), "mutable": ["batch_stats"] if "batch_stats" in shapes
                          else False, "rngs": {"dropout": jax.random.key(0)}}}
       self._traced = trace_network(self.module, shapes, self.example(), modes=modes)
     return self._traced
@@ -195,13 +237,13 @@ class FlaxNetwork(PrunableNetwork):
   # -- computing -----------------------------------------------------------------------------
   def init(self, rng) -> dict:
     rngs = {"params": rng, "dropout": jax.random.fold_in(rng, 1)}
-    return dict(self.module.init(rngs, jnp.zeros((1, *self.input_shape)), **mode_kwargs(self.module, False)))
+    return dict(self.module.init(rngs, jnp.zeros((1, *self.input_shape)), **self._mode(False)))
 
   def apply(self, variables, x, *, train, masks=None, block_gates=None, rng=None, axis_name=None):
     has_stats = "batch_stats" in variables
     rngs = {"dropout": rng} if rng is not None else None
     if masks is None and block_gates is None:
-      kw = mode_kwargs(self.module, train)
+      kw = self._mode(train)
       if not train:
         return self.module.apply(variables, x, **kw)
       out = self.module.apply(variables, x, **kw, rngs=rngs, mutable=["batch_stats"] if has_stats else False)

@@ -419,7 +419,8 @@ def load_stage(directory: str, step: Optional[int] = None, **network_options):
 def load_network(directory: str, step: Optional[int] = None):
   """``(model, variables)`` of any stage checkpoint: the Flax module (a ResNet of the families, or
   the user's network, pruned as the checkpoint says) and its variables, ready for
-  ``model.apply(variables, images)`` or ``bp.make_predictor(model, variables)``.
+  ``model.apply(variables, images)`` or ``bp.make_predictor(model, variables)``. For a ``flax.nnx``
+  network ``model`` is its ``bp.NnxNetwork`` view; ``model.merge(variables)`` is the ``nnx.Module``.
 
   ``directory``: ``<workdir>/checkpoints/<stage>``; ``step``: a checkpoint step (default the newest
   readable one: damaged checkpoints are skipped with a warning).
