@@ -31,6 +31,7 @@ def restart_with_allocator(module: str, argv: Sequence[str]) -> None:
     choice = argv[argv.index("--allocator") + 1]
     if choice != "auto" and not os.environ.get(host.DONE):
       os.environ[host.CHOICE] = choice
+      os.environ.pop(host.OPT_OUT, None)  # a named allocator overrides BPCP_NO_HOST_TUNING
   host.reexec_with_allocator(["-m", module, *argv])
 
 

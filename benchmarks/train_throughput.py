@@ -142,7 +142,7 @@ def _child(mode: str, model_name: str, batch: int, steps_: int, repeats: int, al
          "--batch", str(batch), "--steps", str(steps_), "--repeats", str(repeats)]
   env = dict(os.environ)
   if allocator is not None:  # undo this process's allocator, let the child choose the named one
-    for k in (*host.SET_VARIABLES, host.DONE):
+    for k in (*host.SET_VARIABLES, host.DONE, host.OPT_OUT):  # a named allocator overrides an opt-out
       env.pop(k, None)
     env[host.CHOICE] = allocator
   out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=_repo_root(), env=env)

@@ -1,5 +1,6 @@
-"""Test setup: several fake CPU devices, strict rank promotion, warnings as errors (setup.cfg), and one
-empty compilation cache per session for the command lines the tests start."""
+"""Test setup: several fake CPU devices, strict rank promotion, warnings as errors (setup.cfg), one
+empty compilation cache per session for the command lines the tests start, and no allocator restart
+in them (but where a test asks for it)."""
 
 import atexit
 import os
@@ -13,6 +14,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _XLA_CACHE = tempfile.mkdtemp(prefix="bpcp-test-xla-")
 atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
 os.environ.setdefault("BPCP_COMPILATION_CACHE", _XLA_CACHE)
+# the command lines the tests start skip the allocator restart (bpcp_jax/run/host.py: a second Python
+# start and import, ~2 s per command here); tests/test_host.py tests the restart, and the
+# kill-and-resume test in tests/test_faults.py runs its commands with it
+os.environ.setdefault("BPCP_NO_HOST_TUNING", "1")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
