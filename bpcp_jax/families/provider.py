@@ -97,6 +97,10 @@ class FamilyNetwork(PrunableNetwork):
                                   mutable=["batch_stats"])
     return logits, updates["batch_stats"]
 
+  def block_io(self, variables, x) -> dict:
+    _, state = self.module().apply(variables, x, train=False, mutable=["intermediates"])
+    return {name: tuple(pair[0]) for name, pair in state.get("intermediates", {}).items()}
+
   # -- pruning -------------------------------------------------------------------------------
   def materialize(self, variables, masks, opt_state=None):
     out = materialize(self.module(), variables, masks, opt_state)

@@ -101,6 +101,8 @@ class ResNet(nn.Module):
       return None
 
     def gated(name, residual, branch):
+      # a block's two summands, kept only when "intermediates" is mutable (pruning/block_controls.py)
+      self.sow("intermediates", name, (residual, branch))
       g = gate(name)
       if g is not None:
         branch = branch * jnp.asarray(g, branch.dtype)
@@ -134,7 +136,9 @@ class ResNet(nn.Module):
             # conv3 is linear without bias, so g * conv3(h) == conv3(g * h); gating its input (a
             # quarter of the stream's channels) makes the gate's extra passes 4x cheaper
             h = h * jnp.asarray(g, h.dtype)
-          x = residual + conv(f"{name}_conv3", h)
+          branch = conv(f"{name}_conv3", h)
+          self.sow("intermediates", name, (residual, branch))
+          x = residual + branch
         elif spec.family == "resnet_v1_bottleneck":
           h = bn(f"{name}_bn1", conv(f"{name}_conv1", x), relu=True)
           h = bn(f"{name}_bn2", conv(f"{name}_conv2", h), relu=True)

@@ -13,6 +13,9 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
+# the rules a search is compared with (random, last, single drop, importance) live in block_controls.py
+from bpcp_jax.pruning.block_controls import BLOCK_METHODS, select_blocks  # noqa: F401
+
 
 @jax.custom_vjp
 def straight_through(logit, sample):
@@ -64,38 +67,3 @@ def decide_blocks(block_logits: Mapping[str, jax.Array]) -> dict[str, bool]:
   """Keep block iff p >= 0.5."""
   return {k: bool(v >= 0) for k, v in block_logits.items()}
 
-
-BLOCK_METHODS = ("bp", "random", "last")
-
-
-def select_blocks(network, variables, method: str, num_remove: int, *, seed: int = 0) -> dict[str, jax.Array]:
-  """Block decisions by a rule, the controls for BP: gate logits (+1 keep, -1 remove).
-
-  ``random``: ``num_remove`` blocks drawn uniformly (numpy generator seeded with ``seed``);
-  ``last``: the last blocks of every stage, spread over the stages as evenly as possible (the
-  deepest stage first). Neither removes every block of a stage (``network.block_stages()``), so
-  a stage always keeps one block; ``ValueError`` when ``num_remove`` leaves no such choice.
-  """
-  import numpy as np
-
-  if method not in BLOCK_METHODS or method == "bp":
-    raise ValueError(f"unknown block selection {method!r}; choose from {', '.join(m for m in BLOCK_METHODS if m != 'bp')}")
-  stages = [list(s) for s in network.block_stages() if s]
-  removable = sum(len(s) - 1 for s in stages)
-  if not 0 <= num_remove <= removable:
-    raise ValueError(f"cannot remove {num_remove} blocks: the network has {sum(map(len, stages))} in "
-                     f"{len(stages)} stage(s) and each stage keeps one (at most {removable})")
-  removed: list[str] = []
-  if method == "random":
-    rng = np.random.default_rng(seed)
-    while len(removed) < num_remove:
-      candidates = [b for s in stages for b in s if b not in removed and sum(x not in removed for x in s) > 1]
-      removed.append(candidates[rng.integers(len(candidates))])
-  else:
-    left = [list(s) for s in stages]
-    while len(removed) < num_remove:
-      # the stage with the most blocks left gives up its last one (ties: the deepest stage)
-      si = max(range(len(left)), key=lambda i: (len(left[i]), i))
-      removed.append(left[si].pop())
-  names = [b for s in stages for b in s]
-  return {b: jnp.float32(-1.0 if b in removed else 1.0) for b in names}

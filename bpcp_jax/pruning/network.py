@@ -72,6 +72,13 @@ class PrunableNetwork(abc.ABC):
     straight-through) replace the decisions. Pure; jit/pmap are applied by the caller.
     """
 
+  def block_io(self, variables, x) -> dict:
+    """``{block: (residual, branch)}``: the two summands of every residual block's add (the block's
+    input, or its shortcut's output, and ``f(x)``; its output is their sum), computed in eval mode
+    on ``x`` ``[B, *input_shape]`` with every block kept. What the block-importance controls
+    (``pruning/block_controls.py``) score."""
+    raise NotImplementedError(f"{type(self).__name__} gives no block inputs and outputs")
+
   # -- pruning -------------------------------------------------------------------------------
   @abc.abstractmethod
   def materialize(self, variables, masks: Mapping, opt_state=None):

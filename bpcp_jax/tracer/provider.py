@@ -354,3 +354,8 @@ class FlaxNetwork(PrunableNetwork):
 
   def deployable(self):
     return self.module
+
+  def block_io(self, variables, x) -> dict:
+    from bpcp_jax.tracer.block_io import block_io
+
+    return block_io(self.traced, variables, x)
