@@ -37,9 +37,8 @@ from bpcp_jax.training import optim, parallel, steps  # noqa: E402
 from bpcp_jax.pruning.channel_prune import prune_channels  # noqa: E402
 
 MODES = ("dense", "search", "masked")
-# PyTorch reference figures measured on the same machine (shared/reference/SPEED-NOTES.md)
-TORCH_REFERENCE = {"dense": 86.0, "search": 59.0}
-TORCH_CHANNELS_LAST = {"dense": 113.0, "search": 78.0}
+# No ratio to PyTorch here: a ratio is measured with both sides in one run (python -m benchmarks.vs_pytorch),
+# never against a figure from another machine or day.
 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -228,12 +227,9 @@ def main(argv=None) -> dict:
   for (m, w) in runners:
     suffix = "" if w == "pmap" else "_jit"
     ips = results[f"{m}_step{suffix}_images_per_s"]
-    torch = TORCH_REFERENCE.get(m)
     rows.append([m, w, ips, 1000 * args.batch / ips, results[f"{m}_step{suffix}_compile_s"],
-                 results.get(f"{m}_peak_rss_gib", float("nan")) if w == "pmap" else float("nan"),
-                 f"{ips / torch:.2f}x" if torch and args.model == "resnet_v2_56" and args.batch == 128 else "-"])
-  table = common.markdown_table(
-      ["step", "wrapper", "images/s", "ms/step", "compile s", "peak RSS GiB", "vs PyTorch eager"], rows)
+                 results.get(f"{m}_peak_rss_gib", float("nan")) if w == "pmap" else float("nan")])
+  table = common.markdown_table(["step", "wrapper", "images/s", "ms/step", "compile s", "peak RSS GiB"], rows)
   extra = []
   for w in wrappers:
     suffix = "" if w == "pmap" else "_jit"
