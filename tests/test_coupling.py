@@ -5,6 +5,7 @@ axis, attention, train-mode ops and remat, and report by name what it cannot fol
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import bpcp_jax as bp
@@ -235,3 +236,125 @@ def test_weights_computed_from_two_variables_are_named_after_the_kernel():
   # (the wrapped convolutions are created in the parent's scope: Conv_0, Conv_1; their scales under c1, c2)
   assert set(net.groups) == {"Conv_0", "Conv_1"} and net.unfollowed == []
   assert ("params/c1/Conv_0/kernel/scale", 0) in net.groups["Conv_0"].members
+
+
+# -- one op's split whatever the modes; weights picked by the inputs (issue 26) -------------------------------------
+
+class _WindowAttention(nn.Module):
+  """A Swin-style block: windows cut by reshapes, a fused qkv split by ``reshape(..., 3, heads, dim).transpose``, a
+  relative position bias, dropout on the attention weights."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    b, hh, ww, c = x.shape
+    h = nn.LayerNorm(name="norm")(x).reshape(b, hh // 2, 2, ww // 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
+    h = h.reshape(-1, 4, c)
+    qkv = nn.Dense(3 * c, name="qkv")(h).reshape(h.shape[0], 4, 3, 2, c // 2).transpose(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    bias = self.param("rel_bias", nn.initializers.normal(0.02), (2, 4, 4))
+    att = nn.Dropout(0.1, deterministic=not train)(jax.nn.softmax(q @ k.transpose(0, 1, 3, 2) + bias[None], -1))
+    o = nn.Dense(c, name="proj")((att @ v).transpose(0, 2, 1, 3).reshape(-1, 4, c))
+    x = x + o.reshape(b, hh // 2, ww // 2, 2, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, hh, ww, c)
+    return nn.Dense(3, name="head")(jnp.mean(x, axis=(1, 2)))
+
+
+class _SwinNet(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    return _WindowAttention(name="blk")(nn.Conv(8, (2, 2), strides=2, name="patch")(x), train)
+
+
+@pytest.mark.parametrize("cls,shape", [(nets.FusedQKVNet, (5, 6)), (_SwinNet, (8, 8, 3))], ids=["qkv", "swin"])
+def test_a_fused_qkv_split_is_the_same_however_many_modes_are_traced(cls, shape):
+  model = cls()
+  x = jax.random.normal(jax.random.key(0), (2,) + shape)
+  variables = random_variables(model, x)
+  train = {"train": True, "rngs": {"dropout": jax.random.key(1)}}
+  seen = []
+  for modes in ({"eval": {}}, {"eval": {}, "eval2": {}}, {"eval": {}, "train": train}):
+    net = bp.trace_network(model, variables, x, modes=modes)
+    assert net.unfollowed == [], net.coupling.summary()
+    seen.append({n: (g.width, g.members) for n, g in net.groups.items()})
+  assert seen[0] == seen[1] == seen[2]
+  qkv = sorted(g.width for n, g in net.groups.items() if "qkv" in n)
+  assert qkv == [2, 4], seen[0]  # heads and head dims
+
+
+class _Experts(nn.Module):
+  """A mixture-of-experts layer: per-token kernels picked from a stack of 3 by the inputs."""
+
+  how: str
+  hidden: int = 6
+  embed: int = 4
+
+  @nn.compact
+  def __call__(self, x, idx):
+    x = nn.Dense(self.embed, name="embed")(x)
+    w = self.param("experts", nn.initializers.normal(0.5), (3, self.embed, self.hidden))
+    if self.how == "index":
+      h = jnp.einsum("bd,bdh->bh", x, w[idx])
+    elif self.how == "take":
+      h = jnp.einsum("bd,bdh->bh", x, jnp.take(w, idx, axis=0))
+    elif self.how == "dynamic_slice":
+      h = x @ jax.lax.dynamic_index_in_dim(w, idx[0], 0, keepdims=False)
+    elif self.how == "static":
+      h = x @ w[1]
+    else:  # picks hidden channels by the inputs: not followable
+      h = jnp.einsum("bd,bd->b", x, w[1][:, idx].T)[:, None] * jnp.ones((1, self.hidden))
+    return nn.Dense(2, name="out")(nn.relu(h))
+
+
+@pytest.mark.parametrize("how", ["index", "take", "dynamic_slice", "static"])
+def test_gathered_expert_kernels_are_followed(how):
+  x = jax.random.normal(jax.random.key(0), (5, 3))
+  idx = jnp.asarray([0, 2, 1, 2, 0])
+  model = _Experts(how)
+  variables = random_variables(model, x, idx)
+  net = bp.trace_network(model, variables, x, idx)
+  assert {n: g.width for n, g in net.groups.items()} == {"embed": 4, "experts": 6}, net.coupling.summary()
+  assert ("params/out/kernel", 0) in net.groups["experts"].members
+  assert ("params/experts", 1) in net.groups["embed"].members
+  assert_kept_whole_is_reported(net)
+  # the pruned network is the same layer with 4 hidden channels and 3 embedding channels, the kept weights copied
+  keep_h, keep_e = np.array([0, 2, 3, 5]), np.array([0, 1, 3])
+  masks = bp.init_traced_masks(net)
+  masks["channels"]["experts"] = jnp.zeros(6).at[keep_h].set(1.0)
+  masks["channels"]["embed"] = jnp.zeros(4).at[keep_e].set(1.0)
+  p = variables["params"]
+  ref_params = {"embed": {"kernel": p["embed"]["kernel"][:, keep_e], "bias": p["embed"]["bias"][keep_e]},
+                "experts": p["experts"][:, keep_e][:, :, keep_h],
+                "out": {"kernel": p["out"]["kernel"][keep_h], "bias": p["out"]["bias"]}}
+  small, small_vars = bp.materialize_traced(net, variables, masks)
+  want = _Experts(how, hidden=4, embed=3).apply({"params": ref_params}, x, idx)
+  for got in (bp.masked_apply(net, variables, masks, x, idx), small.apply(small_vars, x, idx)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert small_vars["params"]["experts"].shape == (3, 3, 4)
+
+
+def test_expert_kernels_picked_along_their_channels_are_listed_as_kept_whole():
+  x = jax.random.normal(jax.random.key(0), (5, 3))
+  idx = jnp.asarray([0, 2, 1, 2, 0])
+  model = _Experts("columns")
+  net = bp.trace_network(model, random_variables(model, x, idx), x, idx)
+  assert "experts" not in net.groups
+  assert "gather" in net.coupling.fixed[("params/experts", 2)]
+  assert any(u.op == "gather" for u in net.unfollowed)
+  assert_kept_whole_is_reported(net)
+
+
+class _InputScaledKernel(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    w = self.param("w", nn.initializers.normal(0.5), (3, 6))
+    return nn.Dense(2, name="out")(nn.relu(x @ (w * jnp.mean(x))))  # a kernel computed from the inputs
+
+
+def test_a_kernel_computed_from_the_inputs_is_listed_as_kept_whole():
+  x = jax.random.normal(jax.random.key(0), (5, 3))
+  model = _InputScaledKernel()
+  net = bp.trace_network(model, random_variables(model, x), x)
+  assert not net.groups
+  assert {(u.op, u.where) for u in net.unfollowed} == {("variable", "params/w"), ("variable", "params/out/kernel")}
+  assert "no layer the analysis follows" in net.coupling.fixed[("params/w", 1)]
+  assert "no layer the analysis follows" in net.coupling.fixed[("params/out/kernel", 0)]
+  assert_kept_whole_is_reported(net)

@@ -15,17 +15,34 @@ is kept when every factor of its product is kept.
 Values that are not computed from the network's inputs (constants, broadcasts of scalars or of
 size-1 axes, random masks drawn from the ``rngs`` keys, iota) get fresh atoms of their own: they
 are compatible with any kept subset, and the materialized network computes them at full size
-and slices them. A reduction over channels (LayerNorm, GroupNorm, weight standardization, a
-softmax over features) is computed over the kept channels only; a mean's divisor follows the
-kept count.
+and slices them. A reduction over channels (LayerNorm, GroupNorm, RMSNorm, weight
+standardization, a softmax over features, in flax's layers or written by hand) is computed over
+the kept channels only, and a mean's divisor follows the kept count, so the pruned program is
+the architecture at the kept width. The rule for a divisor: a sum over channels (followed
+through ``keepdims``, reshapes, transposes and casts) divided by a literal equal to the number
+of elements it sums, or by a constant computed from that literal (``jnp.var``'s and
+``jnp.std``'s ``count - ddof``), is a mean: ``jnp.mean(x, -1)``, ``x.sum(-1) / 8`` and
+``x.sum(-1) / x.shape[-1]`` are one program and all become ``sum / kept`` (``- ddof``). A sum
+divided by any other constant, or multiplied by one (``x.sum(-1) * 0.125``), keeps its constant:
+that is how to write a fixed scale that happens to equal the width.
+
+Several traced modes (eval and train) share the variables' atoms, and one op seen again in
+another mode ties its pieces factor by factor, including those an earlier mode found always
+kept (the q/k/v axis of a fused projection), so a split is the same however many modes are
+traced. Weights picked by the inputs (``w[idx]``, ``jnp.take``, ``dynamic_slice`` of a kernel:
+a mixture of experts' per-token kernels) are kernels like any other: their output axes make
+groups and their input axes join their input's group; the axis the indices pick along stays
+whole (reported).
 
 A channel group is the set of atoms a producing layer's output axis (a conv or dense kernel) is
 made of, one group per factor. Atoms that reach the network's inputs or outputs, or pass through
 an op the analysis cannot follow (a sort or an argmax over channels, a window across channels,
 a strided slice of a channel axis, an unknown primitive, a loop computing with channels), are
 fixed: never pruned. Every op that keeps a parameter's channels whole is reported with its
-module path in ``Coupling.unfollowed``; nothing is kept silently, nothing is sliced that was not
-followed, and no primitive can make the analysis fail (an error inside a rule reports that op).
+module path in ``Coupling.unfollowed``, and so is a parameter axis no group holds for another
+reason (a kernel computed from the inputs, op ``"variable"``); nothing is kept silently, nothing
+is sliced that was not followed, and no primitive can make the analysis fail (an error inside a
+rule reports that op).
 
 Residual blocks are the adds ``a + b`` of two same-shaped, data-dependent tensors that share an
 ancestor, where one side (the branch) contains more parameterised contractions than the other
@@ -40,6 +57,7 @@ import os
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from bpcp_jax.tracer.program import Lit, Program, path_str
@@ -62,6 +80,14 @@ psum pmax pmin ppermute pbroadcast pvary psum_invariant optimization_barrier dev
 mesh_cast reshard
 """.split())
 CONTRACTIONS = ("conv_general_dilated", "dot_general")
+# ops that move a value's elements without changing them (a sum through them is still that sum)
+SHAPE_ONLY = frozenset("""
+broadcast_in_dim reshape squeeze expand_dims transpose convert_element_type copy copy_p
+""".split())
+# scalar ops folded at analysis time (a divisor computed from literals)
+FOLDABLE = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide, "neg": np.negative,
+            "max": np.maximum, "min": np.minimum, "convert_element_type": lambda x: x, "copy": lambda x: x,
+            "copy_p": lambda x: x}
 
 INPUT = "reaches the network's input"
 OUTPUT = "reaches the network's output"
@@ -109,8 +135,9 @@ class Coupling:
   an int array of shape (positions, factors): for each position, the indices of its factors in
   the concatenation of all groups' masks (in ``groups`` order), -1 for a factor always kept. A
   position is kept when all its factors are. ``divisors[program][eqn index] = (operand, value
-  id, axes)``: a mean's divisor (operand ``operand`` of that equation, a literal) counts the
-  elements of value ``value id`` over ``axes``, so it follows the kept count.
+  id, axes, divisor)``: a mean's divisor (operand ``operand`` of that equation, a literal or a
+  constant of value ``divisor``: the count, or ``count - ddof``) counts the elements of value
+  ``value id`` over ``axes``, so it follows the kept count (``divisor - count + kept count``).
   """
 
   groups: dict  # name -> ChannelGroup
@@ -173,6 +200,16 @@ class _Atoms:
       raise ValueError("atoms defined in a cycle")
     return tuple(x for f in d for x in self.expand(f, depth + 1))
 
+  def factors(self, a: int, depth: int = 0) -> tuple:
+    """The root atoms whose product atom ``a`` is, fixed factors included (``expand`` drops them)."""
+    r = self.find(int(a))
+    d = self.defn.get(r)
+    if r in self.fixed or d is None:
+      return (r,)
+    if depth > self.MAX_DEPTH:
+      raise ValueError("atoms defined in a cycle")
+    return tuple(x for f in d for x in self.factors(f, depth + 1))
+
   def reason(self, a: int, depth: int = 0) -> Optional[str]:
     r = self.find(int(a))
     if r in self.fixed:
@@ -218,8 +255,27 @@ class _Atoms:
       for x, y in zip(el, er):
         self.tie((x,), (y,), conflict)
     else:
-      for x in el + er:
-        self.fix(x, conflict)
+      # the same split seen again (another traced mode replaying an op) after some of its factors were found
+      # always kept: the products match factor by factor once the kept factors are counted
+      fl = tuple(x for a in left for x in self.factors(a))
+      fr = tuple(x for a in right for x in self.factors(a))
+      if len(fl) == len(fr):
+        for x, y in zip(fl, fr):
+          x, y = self.find(x), self.find(y)
+          if x in self.fixed or y in self.fixed:
+            self.fix(y if x in self.fixed else x, self.fixed.get(x) or self.fixed[y])
+          else:
+            self.tie((x,), (y,), conflict)
+      else:
+        for x in el + er:
+          self.fix(x, conflict)
+
+
+def _is_number(x) -> bool:
+  """Whether ``x`` holds real numbers (not PRNG keys, booleans or complex numbers)."""
+  dtype = getattr(x, "dtype", None)
+  dtype = np.asarray(x).dtype if dtype is None else dtype
+  return bool(jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))
 
 
 def _is_atoms(entry) -> bool:
@@ -237,8 +293,13 @@ class _Analysis:
     self.reports: dict[str, Unfollowed] = {}
     self.data_dep: set = set()
     self.var_dep: set = set()
+    self.indexed: set = set()  # weights picked by the inputs: data-dependent only through gather indices
+    self.windows: set = set()  # atoms of convolution kernels' window axes (not channels)
     self.sums: dict = {}  # value id -> (reduced value id, axes) for a sum over channels (a mean's numerator)
-    self.divisors: dict = {}  # eqn index -> (operand, value id, axes)
+    self.divisors: dict = {}  # eqn index -> (operand, value id, axes, the divisor's value)
+    # scalar values computed from literals and constants only: id -> (value, the literals it was computed from)
+    self.scalars: dict = {vid: (float(np.asarray(c)), frozenset()) for vid, c in program.consts.items()
+                          if np.ndim(c) == 0 and _is_number(c)}
     # value id -> the variable a parameter-only value was computed from (casts, squeezes, ...)
     self.origin = {vid: path for vid, path in zip(program.invars, program.var_paths)}
     self.var_shape = {path: program.shape(vid) for vid, path in zip(program.invars, program.var_paths)}
@@ -339,8 +400,11 @@ class _Analysis:
         self.data_dep.update(e.outs)
       if any(v in self.var_dep for v in ins):
         self.var_dep.update(e.outs)
-      if not data:  # a weight computed from variables is named after the one of its shape (weight norm: the kernel)
-        sources = {self.origin.get(v) for v in ins}
+      indexed = data and self.is_indexed(e, ins)
+      if indexed:
+        self.indexed.update(e.outs)
+      if not data or indexed:  # a weight computed from variables is named after the one of its shape (weight norm)
+        sources = {self.origin.get(v) for v in ins if not data or v in self.var_dep}
         if len(sources) == 1 and None not in sources:
           self.origin.update((o, next(iter(sources))) for o in e.outs)
         else:
@@ -353,6 +417,7 @@ class _Analysis:
       except Exception as err:  # noqa: BLE001 - an op's rule failing must report that op, not abort the analysis
         why = self.give_up(e, f"the channel analysis failed on it ({type(err).__name__}: {err})")
         outs = [self.untracked(e, self.p.shape(o), why) for o in e.outs]
+      self.note_values(e)
       for o, lay in zip(e.outs, outs):
         shape = self.p.shape(o)
         lay = list(lay)
@@ -364,6 +429,14 @@ class _Analysis:
             lay[k] = self.atoms.new(n) if not data else f"{e.name} at {e.where}: not a channel axis"
         self.layout[o] = tuple(lay)
 
+  def is_indexed(self, e, ins) -> bool:
+    """Whether ``e`` gives a weight picked by the inputs (``w[idx]``, ``jnp.take``, ``dynamic_slice`` of a kernel:
+    a mixture of experts' per-token kernel), or one computed from such weights and non-input values only."""
+    weight = lambda v: v in self.var_dep and (v not in self.data_dep or v in self.indexed)  # noqa: E731
+    if e.name in ("gather", "dynamic_slice"):
+      return not isinstance(e.ins[0], Lit) and weight(e.ins[0])
+    return any(v in self.indexed for v in ins) and all(v not in self.data_dep or v in self.indexed for v in ins)
+
   def dispatch(self, e):
     handler = getattr(self, "op_" + e.name, None)
     if handler is not None:
@@ -372,8 +445,6 @@ class _Analysis:
       if e.name == "div":
         self.note_divisor(e)
       return [self.elementwise(e)]
-    if e.name == "convert_element_type" and e.ins[0] in self.sums:
-      self.sums[e.outs[0]] = self.sums[e.ins[0]]
     if e.name in REDUCTIONS:
       return [self.reduction(e)]
     if e.name in CUMULATIVE:
@@ -404,12 +475,38 @@ class _Analysis:
         out[k] = self.tie(out[k], entry, e)
     return out
 
+  def note_values(self, e):
+    """Follow a channel sum through ops that only move its values (a mean's ``keepdims``), and fold scalars
+    computed from literals (``jnp.var``'s ``count - ddof``)."""
+    if e.name in SHAPE_ONLY and not isinstance(e.ins[0], Lit) and e.ins[0] in self.sums:
+      self.sums[e.outs[0]] = self.sums[e.ins[0]]
+    if e.name in FOLDABLE and len(e.outs) == 1 and self.p.shape(e.outs[0]) == ():
+      known = [self.scalar(v) for v in e.ins]
+      if all(k is not None for k in known):
+        with np.errstate(all="ignore"):
+          value = float(FOLDABLE[e.name](*(k[0] for k in known)))
+        self.scalars[e.outs[0]] = (value, frozenset().union(*(k[1] for k in known)))
+
+  def scalar(self, v):
+    """``(value, literals)`` of a scalar computed from literals and constants only, else ``None``."""
+    if isinstance(v, Lit):
+      return (float(np.asarray(v.value)), frozenset([float(np.asarray(v.value))])) \
+          if np.ndim(v.value) == 0 and _is_number(v.value) else None
+    return self.scalars.get(v)
+
   def note_divisor(self, e):
+    """A mean: a sum over channels divided by the number of elements it sums (a literal, or a constant computed
+    from that literal such as ``count - ddof``): the divisor follows the kept count."""
     num, den = e.ins
-    if isinstance(den, Lit) and not isinstance(num, Lit) and num in self.sums and np.ndim(den.value) == 0:
-      src, axes = self.sums[num]
-      if float(den.value) == float(np.prod([self.p.shape(src)[k] for k in axes])):
-        self.divisors[self.idx] = (1, src, axes)
+    known = self.scalar(den)
+    if isinstance(num, Lit) or num not in self.sums or known is None:
+      return
+    src, axes = self.sums[num]
+    count = float(np.prod([self.p.shape(src)[k] for k in axes]))
+    value, literals = known
+    offset = count - value
+    if count in literals and offset == int(offset) and 0 <= offset < count:
+      self.divisors[self.idx] = (1, src, axes, value)
 
   def reduction(self, e):
     x = e.ins[0]
@@ -633,6 +730,9 @@ class _Analysis:
       out[of] = why
       return [out]
     cin_g, cout = self.p.shape(rhs)[rin], self.p.shape(rhs)[rout]
+    for k in dn.rhs_spec[2:]:
+      if _is_atoms(rhs_lay[k]):
+        self.windows.update(rhs_lay[k].tolist())
     if groups == 1:
       self.tie(lhs_lay[lf], rhs_lay[rin], e)
     else:  # input channel g * cin_g + j is (group g) x (position j), output g * cout_g + k is (group g) x (own k)
@@ -1014,6 +1114,7 @@ def find_coupling(programs: list[Program]) -> Coupling:
     group_of_code[[comp_code[c] for c in comps]] = gi
   fixed_axes: dict = {}
   unfollowed: list = []
+  windows = set().union(*(an.windows for an in analyses))
   for path, lay in leaf_atoms.items():
     for k, arr in enumerate(lay):
       if arr is None:
@@ -1029,6 +1130,12 @@ def find_coupling(programs: list[Program]) -> Coupling:
           if why in reports and reports[why] not in unfollowed:
             unfollowed.append(reports[why])
           break
+      if code is None and (path, k) not in fixed_axes and not windows.issuperset(arr.tolist()):
+        # free channels no group holds: nothing kept silently
+        u = Unfollowed("variable", path, f"axis {k}: no layer the analysis follows produces these channels (e.g. a "
+                       "kernel computed from the inputs, not only picked by them); kept whole")
+        fixed_axes[(path, k)] = str(u)
+        unfollowed.append(u)
 
   for name, comps, producers in group_roots:
     groups[name] = ChannelGroup(name, len(comps), tuple(members[name]), tuple(producers))
@@ -1038,7 +1145,7 @@ def find_coupling(programs: list[Program]) -> Coupling:
     codes[an.p] = {vid: tuple(encode(x) for x in lay) for vid, lay in an.layout.items()}
     divisors[an.p] = {i: d for i, d in an.divisors.items()
                       if any(codes[an.p][d[1]][k] is not None for k in d[2])}
-  sites = {an.p: _find_blocks(an.p, an.data_dep, an.origin) for an in analyses}
+  sites = {an.p: _find_blocks(an.p, an.data_dep - an.indexed, an.origin) for an in analyses}
   blocks = sites[main]
   for program, found in sites.items():
     if set(found) != set(blocks):
@@ -1061,14 +1168,14 @@ def _producer_axes(an: _Analysis, e) -> list:
   out = []
   if e.name == "conv_general_dilated":
     rhs = e.ins[1]
-    if not isinstance(rhs, Lit) and rhs not in an.data_dep and rhs in an.var_dep:
+    if not isinstance(rhs, Lit) and (rhs not in an.data_dep or rhs in an.indexed) and rhs in an.var_dep:
       arr = an.lay(rhs)[e.params["dimension_numbers"].rhs_spec[0]]
       if _is_atoms(arr):
         out.append((an.origin.get(rhs, f"value{rhs}"), arr))
   elif e.name == "dot_general":
     (lc, rc), (lb, rb) = e.params["dimension_numbers"]
     for v, contracted, batch in ((e.ins[1], rc, rb), (e.ins[0], lc, lb)):
-      if isinstance(v, Lit) or v in an.data_dep or v not in an.var_dep:
+      if isinstance(v, Lit) or (v in an.data_dep and v not in an.indexed) or v not in an.var_dep:
         continue
       for k, arr in enumerate(an.lay(v)):
         if k not in contracted and k not in batch and _is_atoms(arr):

@@ -5,8 +5,9 @@ groups and residual blocks (``coupling.py``). The masks have the same shape as t
 families' (``{"blocks": {name: logit}, "channels": {group: 0/1 vector}}``), so channel criteria,
 optax and orbax treat both alike. ``masked_apply`` computes what the pruned network will: every
 contraction reads its input through the channel masks, every reduction over channels (a
-LayerNorm's, a GroupNorm's, a weight standardization's) sums the kept channels and divides a
-mean by the kept count, every residual add is ``a + g * b``. ``materialize_traced`` returns a
+LayerNorm's, a GroupNorm's, a weight standardization's, flax's or hand-written) sums the kept
+channels and divides a mean by the kept count (``jnp.var``'s by the kept count less ``ddof``),
+every residual add is ``a + g * b``. ``materialize_traced`` returns a
 ``PrunedNetwork``, a Flax module that runs the traced program with the removed blocks and
 channels gone (smaller arrays; group counts, reshapes, slices and mean divisors adjusted; values
 not computed from the inputs, such as random masks, computed at full size and sliced), and its
@@ -211,15 +212,16 @@ def masked_apply(net: TracedNetwork, variables, masks: Mapping, *inputs, mode: s
       vals = list(vals)
       vals[branch_pos] = vals[branch_pos] * jnp.asarray(g, vals[branch_pos].dtype)
       return [vals[0] + vals[1]]
-    if idx in divisors:
-      pos, src, axes = divisors[idx]
+    if idx in divisors:  # a mean over channels: count - ddof becomes kept count - ddof
+      pos, src, axes, value = divisors[idx]
+      count = float(np.prod([program.shape(src)[k] for k in axes]))
       ratio = jnp.float32(1.0)
       for k in axes:
         code = codes[src][k]
         if code is not None:
           ratio = ratio * position_mask(code, flat).sum() / code.shape[0]
       vals = list(vals)
-      vals[pos] = (jnp.asarray(vals[pos], jnp.float32) * ratio).astype(jnp.result_type(vals[pos]))
+      vals[pos] = (value - count + count * ratio).astype(jnp.result_type(vals[pos]))
       return bind(e, vals)
     if e.name == "conv_general_dilated":
       lhs = read_masked(vals[0], e.ins[0], [e.params["dimension_numbers"].lhs_spec[1]])
@@ -415,12 +417,14 @@ def _shrink(decision: PruneDecision, mode: str, inputs) -> _Shrunk:
     if not any(o in live for o in e.outs):
       continue
     e = dataclasses.replace(e, params=adjusted_params(program, e, new_shape, kept_mask))
-    if idx in divisors:  # a mean over channels divides by the kept count
-      pos, src, axes = divisors[idx]
-      ratio = np.prod([new_shape(src)[k] / program.shape(src)[k] for k in axes])
-      lit = e.ins[pos].value
+    if idx in divisors:  # a mean over channels divides by the kept count (less ddof)
+      pos, src, axes, value = divisors[idx]
+      count = np.prod([program.shape(src)[k] for k in axes], dtype=np.float64)
+      kept_count = np.prod([new_shape(src)[k] for k in axes], dtype=np.float64)
+      den = e.ins[pos]
+      dtype = np.result_type(den.value) if isinstance(den, Lit) else program.avals[den].dtype
       ins = list(e.ins)
-      ins[pos] = Lit(np.asarray(np.asarray(lit, np.float64) * ratio, dtype=np.result_type(lit)))
+      ins[pos] = Lit(np.asarray(value - count + kept_count, dtype=dtype))
       e = dataclasses.replace(e, ins=tuple(ins))
     eqns.append((idx, e))
   consts = {v: slice_array(c if _is_key(c) else np.asarray(c), codes[v], keep_flat) if v in codes else c
