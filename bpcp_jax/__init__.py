@@ -34,8 +34,8 @@ from bpcp_jax.tracer.network import (
 )
 from bpcp_jax.tracer.rebuild import (PLAN_FORMAT, RebuildError, RebuildReport, RebuildWarning, narrow, plan_of,
                                      pruning_plan, rebuild)
-from bpcp_jax.tracer.nnx import (NnxFlaxNetwork, NnxNetwork, Skipped, materialize_nnx, narrow_nnx, recalibrate_nnx,
-                                 rebuild_nnx, trace_nnx)
+from bpcp_jax.tracer.nnx import (NnxFlaxNetwork, NnxNetwork, NnxTracedNetwork, Skipped, Zeroed, materialize_nnx,
+                                 narrow_nnx, recalibrate_nnx, rebuild_nnx, trace_nnx)
 from bpcp_jax.run.compile_cache import enable_compilation_cache
 from bpcp_jax.deploy.latency import OpTimer, measure_latency
 from bpcp_jax.deploy.predictor import make_predictor
@@ -61,10 +61,11 @@ def model_from_spec(spec: ArchSpec, **module_kwargs) -> ResNet:
 
 
 __all__ = [
-    "ArchSpec", "BlockSpec", "FAMILIES", "FamilyNetwork", "FlaxNetwork", "NnxFlaxNetwork", "NnxNetwork", "OpTimer",
+    "ArchSpec", "BlockSpec", "FAMILIES", "FamilyNetwork", "FlaxNetwork", "NnxFlaxNetwork", "NnxNetwork", "NnxTracedNetwork",
+    "OpTimer",
     "PLAN_FORMAT",
     "PrunableNetwork", "PrunedNetwork", "RebuildError", "RebuildReport", "RebuildWarning", "ResNet", "Selection",
-    "Skipped", "StageSpec", "load_network", "load_stage", "load_weights", "network_from_description", "select_blocks",
+    "Skipped", "Zeroed", "StageSpec", "load_network", "load_stage", "load_weights", "network_from_description", "select_blocks",
     "TracedNetwork", "check_masks", "check_traced_masks", "count_leaves", "count_params_macs", "count_traced",
     "create_model", "decide_blocks", "dense_spec", "enable_compilation_cache", "gate_penalty", "gate_probabilities", "group_widths",
     "hard_gates", "init_masks", "init_traced_masks", "kept_blocks", "layer_report", "layer_table",

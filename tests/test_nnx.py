@@ -265,10 +265,15 @@ def test_nnx_dropout_network_materialized():
   assert a.shape == b.shape and float(jnp.abs(a - b).max()) > 1e-4
 
 
-def test_nnx_removed_projection_block_is_reported():
+def test_nnx_removed_projection_block_keeps_its_shortcut():
   net, variables = bp.trace_nnx(_model(project=(False, True)), X, modes={"eval": {}})
-  with pytest.raises(bp.RebuildError, match="blocks/1.*projection shortcut"):
-    bp.materialize_nnx(net, variables, _masks(net, remove=("blocks/1",)), X)
+  # the branch's modules return zeros; the shortcut stays: shortcut(x) + 0, as the traced program computes
+  masks = _masks(net, remove=("blocks/1",))
+  small, report = bp.materialize_nnx(net, variables, masks, X)
+  assert sorted(report.plan["zeroed"]) == ["blocks/1/bn1", "blocks/1/bn2", "blocks/1/conv1", "blocks/1/conv2"]
+  assert isinstance(small.blocks[1].conv1, bp.Zeroed) and isinstance(small.blocks[1].shortcut, nnx.Conv)
+  small.eval()
+  _close(_run(small, X), jax.jit(lambda v: bp.masked_apply(net, v, masks, X))(variables))
   small, report = bp.materialize_nnx(net, variables, _masks(net, remove=("blocks/0",)), X)
   assert report.plan["removed_blocks"] == ["blocks/0"] and isinstance(small.blocks[1].shortcut, nnx.Conv)
   # pruned again: the plan still rebuilds it from the class

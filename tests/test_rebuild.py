@@ -208,7 +208,9 @@ def _rebuilt(model, remove=(), seed=0, **setup):
   rebuilt, report = bp.rebuild(net, small_vars, masks, x)
   assert report.rebuilt and not report.problems, report
   assert isinstance(rebuilt, type(model)) and not isinstance(rebuilt, bp.PrunedNetwork)
-  assert sorted(report.plan["removed_blocks"]) == sorted(remove)
+  # each removed block: its module skipped, or the modules only its branch uses zeroed
+  assert set(report.plan["removed_blocks"]) <= set(remove), report.plan
+  assert not remove or report.plan["removed_blocks"] or report.plan.get("zeroed"), report.plan
   # rebuild compared it with the PrunedNetwork (outputs and updated statistics); here with the masked network
   assert set(report.max_abs_diff) == set(net.modes) and max(report.max_abs_diff.values()) <= 1e-5
   _close(_apply(rebuilt, small_vars, x), _masked(net, variables, masks, x))
@@ -368,9 +370,11 @@ def _falls_back(model, match, remove=(), train=False):
   return report
 
 
-def test_removed_block_with_projection_shortcut_falls_back():
-  report = _falls_back(ResNet(kinds=("id", "proj")), "Block_1.*projection shortcut", remove=("Block_1",), train=True)
-  assert "Block_1" in report.problems[0]
+def test_removed_block_with_projection_shortcut_is_rebuilt():
+  """The modules of its branch are zeroed, its shortcut stays: ``shortcut(x) + 0``."""
+  *_, report = _rebuilt(ResNet(kinds=("id", "proj")), remove=("Block_1",))
+  assert report.plan["removed_blocks"] == [] and sorted(report.plan["zeroed"]) == [
+      "Block_1/BatchNorm_0", "Block_1/BatchNorm_1", "Block_1/Conv_0", "Block_1/Conv_1"]
   _rebuilt(ResNet(kinds=("id", "proj")), remove=("Block_0",))  # the same network, its identity block removed
 
 
@@ -384,10 +388,13 @@ class TopLevelAdd(nn.Module):
     return nn.Dense(3)(jnp.mean(h, axis=(1, 2)))
 
 
-def test_removed_block_not_returned_by_its_own_module_falls_back():
-  _falls_back(ResNet(kinds=("v1", "id")), "Block_0.*processed further", remove=("Block_0",))
+def test_removed_block_not_returned_by_its_own_module_is_rebuilt():
+  """``relu(x + f(x))`` and an add in the top module's own code: the branch's modules return zeros."""
+  *_, report = _rebuilt(ResNet(kinds=("v1", "id")), remove=("Block_0",))
+  assert report.plan["removed_blocks"] == [] and "Block_0/Conv_1" in report.plan["zeroed"]
   (block,) = _setup(TopLevelAdd(), train=False)[2].blocks
-  _falls_back(TopLevelAdd(), f"block {block}: its add is in the top-level module", remove=(block,))
+  *_, report = _rebuilt(TopLevelAdd(), remove=(block,), train=False)
+  assert sorted(report.plan["zeroed"]) == ["c1", "c2"]
 
 
 def test_hard_coded_widths_fall_back():

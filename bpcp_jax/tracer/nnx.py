@@ -1,11 +1,13 @@
 """Flax NNX networks: traced, pruned and materialized into a smaller NNX module of the user's classes.
 
 ``NnxNetwork(model)`` gives the tracer what it uses of a ``flax.linen`` module:
-``apply(variables, *inputs, train=False, mutable=False)`` over ``nnx.split``/``nnx.merge``, the
-variables being a nested dict ``{"params": ..., "batch_stats": ...}`` of the module's
+``apply(variables, *inputs, train=False, mutable=False, **call_kwargs)`` over ``nnx.split``/``nnx.merge``,
+the variables being a nested dict ``{"params": ..., "batch_stats": ...}`` of the module's
 ``nnx.Param`` and ``nnx.BatchStat`` arrays (other state, such as dropout RNG streams, is held as
 it was when the adapter was made). Eval mode runs ``model.eval()``, train mode ``model.train()``
-and returns the updated statistics under ``mutable=["batch_stats"]``. Every module call runs in a
+(and passes the call's train switch of any common name, ``provider.train_switch``) and returns the
+updated statistics under ``mutable=["batch_stats"]``; other keywords (``rngs``, extra inputs) go to
+``__call__``. Every module call runs in a
 ``jax.named_scope`` of its attribute path, so the traced program says where each op runs.
 
 ``trace_nnx(model, *inputs)`` traces it in eval and train mode; masks, ``masked_apply``,
@@ -13,22 +15,40 @@ and returns the updated statistics under ``mutable=["batch_stats"]``. Every modu
 ``materialize_nnx`` slices the variables as ``materialize_traced`` does and writes them into a copy
 of the module: each layer's shape attributes follow (``nnx.Linear``/``nnx.LinearGeneral``
 ``in_features``/``out_features``; ``nnx.Conv`` also ``feature_group_count`` and
-``kernel_shape``; the norms' ``num_features``, ``nnx.GroupNorm``'s ``num_groups``; ``nnx.Embed``
-``features``; ``nnx.MultiHeadAttention`` heads and features), and the module of each removed
-residual block (the one whose call returns ``x + f(x)``, located from the trace as in
-``rebuild.py``) is replaced by ``Skipped``, which returns its input. The result is checked against
-the traced ``PrunedNetwork`` in every traced mode; what cannot be materialized raises
-``RebuildError`` naming the module path and the reason.
+``kernel_shape``; the norms' ``num_features``; ``nnx.GroupNorm``'s ``num_groups`` and ``group_size``
+as the pruned program splits the channels, whole groups and positions in every group both pruned;
+``nnx.Embed`` ``features``; ``nnx.MultiHeadAttention`` heads, the per-head query/key dimension and
+the value's, the attention keeping the dense ``1/sqrt(head_dim)`` as the pruned program does,
+``DenseScaleAttention``). A removed residual block is removed for real, in one of two ways
+(``rebuild.removed_block_plan``, located from the trace):
+
+- the module whose call returns ``x + f(x)``, with ``x`` from outside it, becomes ``Skipped``
+  (returns its input);
+- otherwise the modules that only the block's branch ``f`` uses become ``Zeroed`` (return zeros
+  of the branch's shape) and the code around them still runs on ``x``: ``relu(x + f(x))`` (He et
+  al.'s blocks) computes ``relu(x)``, each residual add of a pre-LN layer (``x = x + attn(ln1(x));
+  x = x + mlp(ln2(x))``) is removed on its own, a projection shortcut is kept, as the traced
+  program computes them.
+
+The result is checked against the traced ``PrunedNetwork`` in every traced mode; what cannot be
+materialized (a variable only the branch reads in the code of a module that stays, such as a layer
+scale held as the layer's own parameter; a width computed in user code) raises ``RebuildError``
+naming the module path and the reason. The pipeline then keeps the traced program
+(``NnxFlaxNetwork``, below), as linen's ``rebuild`` falls back, so a run never stops there.
 
 ``recalibrate_nnx`` re-estimates the batch-norm statistics of such a module (``NnxTrainPass`` is the
 train-mode forward it runs) with ``training/batch_stats.py``.
 
 The plan has the linen format (``{"layers": {path: {attribute: value}}, "removed_blocks": [...]}``),
-here with every layer's shape attributes, and rebuilds a checkpoint: ``narrow_nnx(factory(), plan,
-state)``. A materialized module can be traced and pruned again; the plan then covers both rounds.
+here with every layer's shape attributes and ``"zeroed": {path: {"shape", "follow", "dtype"}}``
+when modules are zeroed, and rebuilds a checkpoint: ``narrow_nnx(factory(), plan, state)``. A
+materialized module can be traced and pruned again (its zeroed modules follow the new widths); the
+plan then covers both rounds.
 
 ``NnxFlaxNetwork`` is the pipeline's network for an NNX factory: ``FlaxNetwork`` over the
-``NnxNetwork`` view, initialised from the factory and materialized by ``rebuild_nnx``.
+``NnxNetwork`` view, initialised from the factory and materialized by ``rebuild_nnx``, or, where
+that raises, into ``NnxTracedNetwork`` (the traced program, said in one line; its description
+replays the prunings from the factory).
 """
 
 from __future__ import annotations
@@ -36,6 +56,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import inspect
 from typing import Any, Mapping, Optional
 
 import jax
@@ -43,11 +64,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
-from bpcp_jax.tracer.provider import FlaxNetwork, call_factory, mode_kwargs
-from bpcp_jax.tracer.network import (PrunedNetwork, TracedNetwork, leaves_by_path, materialize_traced,
+from bpcp_jax.tracer.provider import (TRAIN_SWITCHES, FlaxNetwork, call_factory, check_train_mode, mode_kwargs,
+                                      train_switch)
+from bpcp_jax.tracer.network import (PrunedNetwork, TracedNetwork, _shrink, leaves_by_path, materialize_traced,
                                      prune_decision, trace_network)
-from bpcp_jax.tracer.rebuild import (PLAN_FORMAT, conv_groups, draws_random_numbers, RebuildError, RebuildReport, _Call, _check_plan, _concrete_inputs,
-                                     _max_diff, _shapes, removed_block_modules)
+from bpcp_jax.tracer.rebuild import (PLAN_FORMAT, RebuildError, RebuildReport, _Call, _check_plan, _concrete_inputs,
+                                     _max_diff, _shapes, conv_groups, draws_random_numbers, fallback_summary,
+                                     removed_block_plan)
 
 COLLECTIONS = {"params": nnx.Param, "batch_stats": nnx.BatchStat}
 
@@ -57,6 +80,52 @@ class Skipped(nnx.Module):
 
   def __call__(self, x, *args, **kwargs):
     return x
+
+
+class Zeroed(nnx.Module):
+  """A module only a removed block's branch used: returns zeros of ``shape`` (``dtype``), its axes
+  listed in ``follow`` taken from the first argument's (the batch, for one), whatever it is called with."""
+
+  def __init__(self, shape, follow=(), dtype="float32"):
+    self.shape, self.follow, self.dtype = tuple(int(d) for d in shape), tuple(int(k) for k in follow), str(dtype)
+
+  def __call__(self, *args, **kwargs):
+    ref = next((a for a in (*args, *kwargs.values()) if hasattr(a, "shape")), None)
+    shape = [ref.shape[k] if k in self.follow and ref is not None and k < len(ref.shape) else d
+             for k, d in enumerate(self.shape)]
+    return jnp.zeros(shape, self.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseScaleAttention:
+  """The ``attention_fn`` of a narrowed ``nnx.MultiHeadAttention`` whose per-head dimensions were
+  pruned: scales the queries by ``sqrt(kept / depth)``, so that ``base``'s ``1/sqrt(kept)`` becomes
+  the dense network's ``1/sqrt(depth)``, as in the pruned program (``base``: the module's own
+  ``attention_fn``, which must scale by ``1/sqrt(query.shape[-1])``, as flax's does). With flax's
+  own and a value dimension other than the query's, the weights (``dot_product_attention_weights``:
+  masks, bias, dropout) are applied to the values here (flax's fused path takes one dimension)."""
+
+  depth: int
+  base: Any = nnx.dot_product_attention
+
+  def __call__(self, query, key, value, *args, **kwargs):
+    kept = query.shape[-1]
+    if kept != self.depth:
+      query = query * jnp.asarray(np.sqrt(kept / self.depth), query.dtype)
+    if self.base is not nnx.dot_product_attention or value.shape[-1] == kept:
+      return self.base(query, key, value, *args, **kwargs)
+    from flax.nnx.nn.attention import dot_product_attention_weights
+
+    bound = inspect.signature(nnx.dot_product_attention).bind(query, key, value, *args, **kwargs)
+    given = dict(bound.arguments)
+    value = given.pop("value")
+    weights = dot_product_attention_weights(**given)  # [..., heads, q, k]
+    heads, v_heads = weights.shape[-3], value.shape[-2]
+    if heads == v_heads:
+      return jnp.einsum("...hqk,...khd->...qhd", weights, value.astype(weights.dtype))
+    weights = weights.reshape(weights.shape[:-3] + (v_heads, heads // v_heads) + weights.shape[-2:])
+    out = jnp.einsum("...hgqk,...khd->...qhgd", weights, value.astype(weights.dtype))
+    return out.reshape(out.shape[:-3] + (heads, out.shape[-1]))
 
 
 def _path_key(col: str, path) -> str:
@@ -142,8 +211,8 @@ def _scoped(model, recorder: Optional[dict]) -> None:
 
 @dataclasses.dataclass(eq=False)
 class NnxNetwork:
-  """An NNX module seen as ``apply(variables, *inputs, train=False, mutable=False)``; see the module
-  docstring. Made from a snapshot of ``model`` (later changes to ``model`` are not seen)."""
+  """An NNX module seen as ``apply(variables, *inputs, train=False, mutable=False, **call_kwargs)``;
+  see the module docstring. Made from a snapshot of ``model`` (later changes to ``model`` are not seen)."""
 
   graphdef: Any
   state: Any
@@ -171,27 +240,76 @@ class NnxNetwork:
     out = {col: _collect(model, col) for col in COLLECTIONS}
     return {col: tree for col, tree in out.items() if tree}
 
-  def apply(self, variables, *inputs, train: bool = False, mutable=False, rng: Optional[jax.Array] = None,
-            rngs: Optional[Mapping] = None, _recorder: Optional[dict] = None):
-    """``model(*inputs)`` on a copy with ``variables`` written in, after ``model.train()`` or
-    ``model.eval()`` and with ``train=``/``deterministic=`` passed when ``__call__`` takes one (a
-    module ported from linen may set its BatchNorms' mode from it). ``rng``: a key the copy's RNG
-    streams (dropout) are reseeded from, one ``fold_in`` per stream; without one they draw as they
-    are in the snapshot. ``rngs``: linen's form of it, ``{"dropout": key}`` (``rng`` = that key).
-    ``mutable``: collections to return the updated values of, as linen does."""
-    if rngs:
-      if set(rngs) != {"dropout"} or rng is not None:
-        raise ValueError(f"rngs= takes one key, {{'dropout': key}} (the key every RNG stream of the module is "
-                         f"reseeded from), got {sorted(rngs)}{' and rng=' if rng is not None else ''}")
-      rng = rngs["dropout"]
+  def module_class(self) -> type:
+    """The class of the module (whose ``__call__`` the view calls)."""
+    cls = getattr(self.graphdef.nodes[0], "type", None) if getattr(self.graphdef, "nodes", None) else None
+    return cls if isinstance(cls, type) else type(self.merge())
+
+  def switch_reaching(self, mode: Mapping) -> Optional[str]:
+    """The train switch (``provider.train_switch``) the apply keywords ``mode`` pass to ``__call__``:
+    one given by name, else the call's own when ``mode`` says ``train=``; ``None`` when none reaches it."""
+    given = next((name for name, _ in TRAIN_SWITCHES if name in mode and name != "train"), None)
+    switch = train_switch(self.module_class().__call__)
+    return given or (switch[0] if switch is not None and "train" in mode else None)
+
+  def takes_rngs(self) -> bool:
+    """Whether ``__call__`` takes ``rngs`` (the NNX style ``self.dropout(x, rngs=rngs)``)."""
+    try:
+      return "rngs" in inspect.signature(self.module_class().__call__).parameters
+    except (TypeError, ValueError):
+      return False
+
+  def has_dropout(self) -> bool:
+    """Whether the module holds an ``nnx.Dropout`` of a rate above 0."""
+    return any(isinstance(m, nnx.Dropout) and m.rate != 0 for _, m in nnx.iter_modules(self.merge()))
+
+  def apply(self, variables, *inputs, train: Optional[bool] = None, mutable=False, rng: Optional[jax.Array] = None,
+            rngs=None, _recorder: Optional[dict] = None, **call_kwargs):
+    """``model(*inputs, **call_kwargs)`` on a copy with ``variables`` written in, after
+    ``model.train()`` (``train=True``) or ``model.eval()``, and with the call's train switch
+    (``provider.train_switch``: ``train``, ``training``, ``is_training`` or ``deterministic``) set
+    to the mode when ``__call__`` takes one and ``call_kwargs`` do not set it themselves (a
+    ``train`` left ``None`` then follows a switch given in ``call_kwargs``, else is ``False``).
+
+    ``rng``: a key the copy's RNG streams (dropout) are reseeded from, one ``fold_in`` per stream;
+    without one they draw as they are in the snapshot. ``rngs``: ``{name: key}`` (linen's form;
+    ``{"dropout": key}`` is ``rng=key``; several keys reseed the streams of their names) or an
+    ``nnx.Rngs`` (its streams' keys). When ``__call__`` takes ``rngs`` it gets ``nnx.Rngs`` of those
+    keys (one key: the ``default`` stream, which serves every name), or ``nnx.Rngs(0)`` without
+    keys (eval mode draws nothing). ``mutable``: collections to return the updated values of, as
+    linen does. Raises ``ValueError`` for ``rng`` with ``rngs`` or an ``rngs`` that holds no keys."""
+    keys = _rng_keys(rngs)
+    if rng is not None:
+      if keys:
+        raise ValueError("give either rng= (one key) or rngs= ({name: key} or an nnx.Rngs), not both")
+      keys = {"dropout": rng}
+    keys = {name: k if jnp.issubdtype(k.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(k)
+            for name, k in keys.items()}
     model = self.merge()
     _write(model, leaves_by_path(variables))
+    switch = train_switch(type(model).__call__)
+    if train is None:
+      given = next(((name, in_train) for name, in_train in TRAIN_SWITCHES if name in call_kwargs), None)
+      value = call_kwargs[given[0]] if given is not None else None
+      train = isinstance(value, (bool, np.bool_)) and bool(value) == given[1]  # a traced switch: model.eval()
     model.train() if train else model.eval()
-    if rng is not None:
+    if keys:
       streams = sorted({node.tag for _, node in nnx.iter_graph(model) if isinstance(node, nnx.RngStream)})
-      if streams:
-        nnx.reseed(model, policy="match_shape", **{tag: jax.random.fold_in(rng, i) for i, tag in enumerate(streams)})
-    kwargs = mode_kwargs(model, train)
+      first = keys.get("default", next(iter(keys.values())))
+      if streams and len(keys) == 1:
+        nnx.reseed(model, policy="match_shape", **{tag: jax.random.fold_in(first, i) for i, tag in enumerate(streams)})
+      elif streams:
+        nnx.reseed(model, policy="match_shape", **{tag: keys.get(tag, jax.random.fold_in(first, i))
+                                                   for i, tag in enumerate(streams)})
+    kwargs = dict(mode_kwargs(model, train)) if switch is not None and switch[0] not in call_kwargs else {}
+    kwargs.update(call_kwargs)
+    if "rngs" not in kwargs and self.takes_rngs():
+      if not keys:
+        kwargs["rngs"] = nnx.Rngs(0)
+      elif len(keys) == 1:
+        kwargs["rngs"] = nnx.Rngs(first)
+      else:
+        kwargs["rngs"] = nnx.Rngs(**{"default": first, **keys})
     _scoped(model, _recorder)
     out = model(*inputs, **kwargs)
     if not mutable:
@@ -200,16 +318,54 @@ class NnxNetwork:
     return out, {col: _collect(model, col) for col in cols}
 
 
+def _rng_keys(rngs) -> dict:
+  """``{name: key}`` of ``rngs``: ``None``, a mapping of keys, or an ``nnx.Rngs`` (its streams' keys)."""
+  if rngs is None:
+    return {}
+  if isinstance(rngs, nnx.Rngs):
+    keys = {name: s.key.get_value() for name, s in vars(rngs).items() if isinstance(s, nnx.RngStream)}
+  elif isinstance(rngs, Mapping):
+    keys = dict(rngs)
+  else:
+    raise ValueError(f"rngs= takes {{name: key}} or an nnx.Rngs, got {type(rngs).__name__}")
+  bad = sorted(name for name, k in keys.items() if not hasattr(k, "dtype"))
+  if bad or not keys:
+    raise ValueError(f"rngs= holds no PRNG key{' for ' + ', '.join(map(repr, bad)) if bad else ''}: give "
+                     "{'dropout': jax.random.key(0)} or nnx.Rngs(0)")
+  return keys
+
+
 def trace_nnx(model: nnx.Module, *example_inputs, modes: Optional[Mapping] = None) -> tuple[TracedNetwork, dict]:
-  """``(net, variables)``: ``model`` traced by ``trace_network`` through ``NnxNetwork``, in eval
-  mode and (by default) train mode (``{"train": True, "mutable": ["batch_stats"]}`` when the
-  module has batch statistics)."""
+  """``(net, variables)``: ``model`` traced by ``trace_network`` through ``NnxNetwork``.
+
+  ``modes``: ``{name: apply keywords}`` (``NnxNetwork.apply``): ``train=`` (``model.train()``; a mode
+  named ``"train"`` defaults to it unless it gives a train switch itself), ``mutable=``, ``rngs=``
+  (``{name: key}`` or an ``nnx.Rngs``; the keys become inputs of the program, so ``masked_apply``
+  takes ``rngs={name: key}`` for them) and any keyword of the module's ``__call__`` (a switch of any
+  name, extra inputs), forwarded to it. Default: eval mode ``{}`` and train mode ``{"train": True}``,
+  with ``mutable=["batch_stats"]`` when the module has batch statistics and ``rngs={"dropout": key}``
+  when its ``__call__`` takes ``rngs``.
+
+  Raises ``ValueError`` when the train mode of a module with BatchNorm or dropout computes exactly
+  its eval mode and no known train switch reached its ``__call__`` (``provider.check_train_mode``).
+  """
   adapter = NnxNetwork.of(model)
   variables = adapter.variables()
   if modes is None:
     train = {"train": True, **({"mutable": ["batch_stats"]} if "batch_stats" in variables else {})}
+    if adapter.takes_rngs():
+      train["rngs"] = {"dropout": jax.random.key(0)}
     modes = {"eval": {}, "train": train}
-  return trace_network(adapter, variables, *example_inputs, modes=modes), variables
+  else:
+    modes = {name: dict(kw) for name, kw in modes.items()}
+    for name, kw in modes.items():
+      if kw.get("rngs") is not None:
+        kw["rngs"] = _rng_keys(kw["rngs"])
+      if name == "train" and "train" not in kw and not any(s in kw for s, _ in TRAIN_SWITCHES):
+        kw["train"] = True
+  net = trace_network(adapter, variables, *example_inputs, modes=modes)
+  check_train_mode(net, example_inputs, type(model).__qualname__, modes_hint=True)
+  return net, variables
 
 
 @dataclasses.dataclass(eq=False)
@@ -273,7 +429,8 @@ def recalibrate_nnx(model: nnx.Module, batches, *, rng: Optional[jax.Array] = No
   ``model`` itself is left as it was (keep the result: ``model = bp.recalibrate_nnx(model, b)``).
   What ``bp.recalibrate_batch_stats`` does for Flax modules (see it for ``average`` and a layer
   called twice): the passes call ``model(x)`` on copies after ``model.train()``, passing
-  ``train=True``/``deterministic=False`` when ``__call__`` takes one, as one compiled program per
+  its train switch (``train=True``, ``training=True``, ``deterministic=False``, ...) when ``__call__`` takes
+  one, as one compiled program per
   module structure and batch shape. ``rng``: a key split per batch, reseeding the module's RNG
   streams (dropout); without one, every batch sees the same dropout masks (those the streams give
   now). Use it on ``bp.materialize_nnx``'s smaller module: with blocks removed, the old statistics
@@ -301,8 +458,8 @@ def recalibrate_nnx(model: nnx.Module, batches, *, rng: Optional[jax.Array] = No
                              label=label, average=average)
   if not moved:
     raise ValueError(f"recalibrate_nnx: no running statistic of {label} changed in a train-mode pass; does its "
-                     "__call__ fix use_running_average=True (the mode set by model.train() and a train/"
-                     "deterministic argument is not reaching its BatchNorms)?")
+                     "__call__ fix use_running_average=True (the mode set by model.train() and a train switch "
+                     "train/training/is_training/deterministic is not reaching its BatchNorms)?")
   out = adapter.merge()
   _write(out, leaves_by_path({"batch_stats": new}))
   return out
@@ -331,14 +488,41 @@ def _norm(m):
   return {} if width is None else {"num_features": width[-1]}
 
 
-def _group_norm(m):
+def _group_norm(m, run: Optional[tuple] = None):
+  """``num_features``, ``num_groups`` and ``group_size``; ``run``: ``(groups, size)`` as the pruned
+  program reshapes the channels (whole groups and positions in every group may both be pruned)."""
   attrs = _norm(m)
-  if attrs:
-    n = attrs["num_features"]
-    if n % m.group_size:
-      raise ValueError(f"{n} channels do not split into groups of {m.group_size}")
-    attrs["num_groups"] = n // m.group_size
-  return attrs
+  n = attrs.get("num_features")
+  if run is not None:
+    groups, size = run
+    if n is not None and groups * size != n:
+      raise ValueError(f"{n} channels, but the pruned program splits them into {groups} groups of {size}")
+  elif n is None:
+    return attrs
+  elif n % m.group_size:
+    raise ValueError(f"{n} channels do not split into groups of {m.group_size}")
+  else:
+    groups, size = n // m.group_size, m.group_size
+  return {"num_features": groups * size, "num_groups": groups, "group_size": size}
+
+
+def _norm_groups(decision, calls: Mapping, inputs) -> dict:
+  """``{module path: (num_groups, group_size)}`` of each ``nnx.GroupNorm`` as the pruned program runs
+  it: the shape of its reshape ``(..., C) -> (..., groups, size)`` there."""
+  scopes = {k: "/".join(map(str, c.path)) for k, c in calls.items() if isinstance(c.module, nnx.GroupNorm)}
+  out: dict = {}
+  for mode in decision.net.modes:
+    program, _ = decision.net.traced(mode, inputs)
+    shrunk = _shrink(decision, mode, inputs)
+    for _, e in shrunk.eqns:
+      path = scopes.get(e.where)
+      if path is None or path in out or e.name != "reshape":
+        continue
+      a, b = program.shape(e.ins[0]), program.shape(e.outs[0])
+      if len(b) == len(a) + 1 and b[:-2] == a[:-1] and b[-2] * b[-1] == a[-1]:
+        new = shrunk.shapes[e.outs[0]]
+        out[path] = (int(new[-2]), int(new[-1]))
+  return out
 
 
 def _linear(m):
@@ -377,14 +561,18 @@ def _embed(m):
 
 
 def _attention(m):
-  q, k, o = _shape(m.query, "kernel"), _shape(m.key, "kernel"), _shape(m.out, "kernel")
-  if q[-1] != m.head_dim:
-    raise ValueError(f"the per-head dimension changes ({m.head_dim} -> {q[-1]}): the attention scale "
-                     "1/sqrt(head_dim) of the materialized layer would differ from the pruned one")
-  attrs = {"num_heads": q[-2], "qkv_features": q[-2] * q[-1], "in_features": q[0], "in_kv_features": k[0],
-           "out_features": o[-1]}
-  if getattr(m, "num_kv_heads", None) == m.num_heads:
-    attrs["num_kv_heads"] = q[-2]
+  """Heads, the per-head query/key dimension (``head_dim``; the value's is its projection's own
+  ``out_features``) and the in/out widths; when the query/key dimension changes, ``attention_depth``:
+  the dense one, whose ``1/sqrt`` the attention keeps (``DenseScaleAttention``, as the pruned program;
+  also when the value's dimension differs from the query's)."""
+  q, k, v, o = (_shape(getattr(m, n), "kernel") for n in ("query", "key", "value", "out"))
+  attrs = {"num_heads": q[-2], "head_dim": q[-1], "qkv_features": q[-2] * q[-1], "in_features": q[0],
+           "in_kv_features": k[0], "out_features": o[-1]}
+  if getattr(m, "num_kv_heads", None) is not None:
+    attrs["num_kv_heads"] = k[-2]
+  depth = m.attention_fn.depth if isinstance(m.attention_fn, DenseScaleAttention) else m.head_dim
+  if q[-1] != depth or v[-1] != q[-1]:
+    attrs["attention_depth"] = depth
   return attrs
 
 
@@ -395,11 +583,13 @@ RULES = (
 )
 
 
-def _layer_widths(model, old_shapes: Mapping, problems: list, notes: list, groups: Optional[Mapping] = None) -> dict:
+def _layer_widths(model, old_shapes: Mapping, problems: list, notes: list, groups: Optional[Mapping] = None,
+                  norm_groups: Optional[Mapping] = None) -> dict:
   """``{path: {attribute: value}}``: the shape attributes of every layer of a known type, from its
   (already written) variables (a complete table, so that it also rebuilds a module pruned twice);
-  ``groups``: ``{path: feature_group_count}`` of the grouped convolutions as the pruned program runs them."""
-  groups = groups or {}
+  ``groups``: ``{path: feature_group_count}`` of the grouped convolutions as the pruned program runs them;
+  ``norm_groups``: ``{path: (num_groups, group_size)}`` of the GroupNorms (``_norm_groups``)."""
+  groups, norm_groups = groups or {}, norm_groups or {}
   old = {k: tuple(v.shape) for k, v in leaves_by_path(old_shapes).items()}
   layers = {}
   for path, m in nnx.iter_modules(model):
@@ -414,7 +604,8 @@ def _layer_widths(model, old_shapes: Mapping, problems: list, notes: list, group
                      f"{', '.join(changed)}), assumed to take them from its input")
       continue
     try:
-      attrs = rule(m, groups.get(name)) if rule is _conv else rule(m)
+      attrs = (rule(m, groups.get(name)) if rule is _conv else rule(m, norm_groups.get(name)) if rule is _group_norm
+               else rule(m))
     except ValueError as err:
       problems.append(f"{name or '<top>'}: {err}")
       continue
@@ -439,11 +630,26 @@ def _locate(model, path: str):
   return node, int(last) if isinstance(node, (list, nnx.List)) else last
 
 
+def _replace(model, path: str, new: nnx.Module, what: str) -> None:
+  try:
+    parent, key = _locate(model, path)
+    if isinstance(key, int):
+      parent[key] = new
+    else:
+      getattr(parent, key)
+      setattr(parent, key, new)
+  except (AttributeError, IndexError, ValueError) as err:
+    raise ValueError(f"pruning plan {what} {path!r}, which {type(model).__qualname__} does not have ({err})")
+
+
 def narrow_nnx(model: nnx.Module, plan: Mapping, variables: Optional[Mapping] = None) -> nnx.Module:
   """Narrow ``model`` in place by ``plan`` and return it: the removed blocks' modules become
-  ``Skipped``, the listed attributes are set, and ``variables``, e.g. restored from a checkpoint,
-  are written into its variables: either ``{"params": ..., "batch_stats": ...}`` nested dicts (as
-  ``materialize_traced`` and ``trace_nnx`` give them) or the pruned module's own state
+  ``Skipped``, those of ``plan["zeroed"]`` (``{path: {"shape", "follow", "dtype"}}``, the modules only
+  removed branches used) ``Zeroed``, the listed attributes are set (``attention_depth`` of an
+  ``nnx.MultiHeadAttention`` wraps its ``attention_fn`` in ``DenseScaleAttention``), and
+  ``variables``, e.g. restored from a checkpoint, are written into its variables: either
+  ``{"params": ..., "batch_stats": ...}`` nested dicts (as ``materialize_traced`` and ``trace_nnx``
+  give them) or the pruned module's own state
   (``nnx.state(pruned)`` or its ``nnx.to_pure_dict``, as one saves an NNX module). Raises
   ``ValueError`` when a path of the plan is not in ``model`` or ``variables`` misses one of its
   variables."""
@@ -451,21 +657,24 @@ def narrow_nnx(model: nnx.Module, plan: Mapping, variables: Optional[Mapping] = 
   if plan.get("class") not in (None, type(model).__qualname__):
     raise ValueError(f"the pruning plan was made for class {plan['class']!r}, not {type(model).__qualname__!r}")
   for path in plan["removed_blocks"]:
-    try:
-      parent, key = _locate(model, path)
-      if isinstance(key, int):
-        parent[key] = Skipped()
-      else:
-        getattr(parent, key)
-        setattr(parent, key, Skipped())
-    except (AttributeError, IndexError, ValueError) as err:
-      raise ValueError(f"pruning plan removes block {path!r}, which {type(model).__qualname__} does not have ({err})")
+    _replace(model, path, Skipped(), "removes block")
+  for path, spec in plan.get("zeroed", {}).items():
+    if not isinstance(spec, Mapping) or "shape" not in spec:
+      raise ValueError(f"pruning plan zeroes module {path!r} with {spec!r}; expected {{'shape': [...], 'follow': "
+                       "[...], 'dtype': ...}")
+    _replace(model, path, Zeroed(spec["shape"], spec.get("follow", ()), spec.get("dtype", "float32")),
+             "zeroes module")
   modules = {"/".join(map(str, p)): m for p, m in nnx.iter_modules(model)}
   for path, attrs in plan["layers"].items():
     if path not in modules:
       raise ValueError(f"pruning plan narrows layer {path!r}, which {type(model).__qualname__} does not have")
     for k, v in attrs.items():
-      setattr(modules[path], k, tuple(v) if isinstance(v, list) else v)
+      if k == "attention_depth":
+        base = getattr(modules[path], "attention_fn", None)
+        base = base.base if isinstance(base, DenseScaleAttention) else base
+        modules[path].attention_fn = DenseScaleAttention(int(v), base)
+      else:
+        setattr(modules[path], k, tuple(v) if isinstance(v, list) else v)
   if variables is not None:
     if isinstance(variables, nnx.State):
       variables = nnx.to_pure_dict(variables)
@@ -484,7 +693,10 @@ def materialize_nnx(net: TracedNetwork, variables, masks: Mapping, *example_inpu
   ``materialize_traced`` (removed blocks and channels gone); ``report.plan`` rebuilds it with
   ``narrow_nnx``. Checked against the ``PrunedNetwork`` on ``example_inputs`` (default: random,
   shaped like the traced ones) in eval and train mode, outputs and updated statistics to ``tol``.
-  Raises ``RebuildError`` naming each module that cannot be materialized and why.
+  A removed block's module becomes ``Skipped`` when it returns ``x + f(x)``, else the modules only its
+  branch uses become ``Zeroed`` (``relu(x + f(x))`` then computes ``relu(x)``; each add of a pre-LN
+  layer goes on its own; see the module docstring). Raises ``RebuildError`` naming each module that
+  cannot be materialized and why (the pipeline's ``NnxFlaxNetwork`` then keeps the traced program).
   """
   if not isinstance(net.model, NnxNetwork):
     raise TypeError(f"materialize_nnx needs a network traced by trace_nnx, got one of {type(net.model).__qualname__}")
@@ -505,26 +717,31 @@ def rebuild_nnx(net: TracedNetwork, small_vars, masks: Mapping, *example_inputs,
   inputs = _concrete_inputs(net, example_inputs)
   pruned = PrunedNetwork(prune_decision(net, masks), _shapes(small_vars))
   calls = _record_calls(adapter, net.var_shapes, inputs, net.modes)
-  removed, problems = removed_block_modules(net, masks, calls, inputs, _shapes(small_vars))
+  model = adapter.merge()
+  before = {"/".join(map(str, p)): m for p, m in nnx.iter_modules(model) if isinstance(m, (Skipped, Zeroed))}
+  zeroed_before = {p: {"shape": list(m.shape), "follow": list(m.follow), "dtype": m.dtype}
+                   for p, m in before.items() if isinstance(m, Zeroed)}  # pruned before
+  removed, zeroed, problems, hints = removed_block_plan(net, masks, calls, inputs, _shapes(small_vars), zeroed_before)
   notes: list = []
   plan = None
   if not problems:
-    model = adapter.merge()
     cls = type(model)
-    skipped = ["/".join(map(str, p)) for p, m in nnx.iter_modules(model) if isinstance(m, Skipped)]  # pruned before
-    plan = {"format": PLAN_FORMAT, "class": cls.__qualname__, "layers": {}, "removed_blocks": sorted(skipped + removed)}
+    skipped = [p for p, m in before.items() if isinstance(m, Skipped)]
+    plan = {"format": PLAN_FORMAT, "class": cls.__qualname__, "layers": {},
+            "removed_blocks": sorted(set(skipped) | set(removed)), **({"zeroed": zeroed} if zeroed else {})}
     missing: list = []
     narrow_nnx(model, plan)
     _write(model, leaves_by_path(small_vars), missing)
     if missing:
       problems.append(f"{missing[0]}: a variable the pruning dropped, though its module is not a removed block")
     groups = conv_groups(pruned.decision, inputs)  # keyed by the kernel's variable path: "blocks/0/conv1"
-    plan["layers"] = _layer_widths(model, net.var_shapes, problems, notes, groups)
+    plan["layers"] = _layer_widths(model, net.var_shapes, problems, notes, groups,
+                                   _norm_groups(pruned.decision, calls, inputs))
   diffs: dict = {}
   if not problems:
     model = narrow_nnx(adapter.merge(), plan, small_vars)  # what a checkpoint restores
     problems, diffs = _check(NnxNetwork.of(model), pruned, small_vars, inputs, net.modes, tol)
-    problems += notes if problems else []
+    problems += hints + notes if problems else []
   if problems:
     raise RebuildError(problems)
   return model, RebuildReport(True, copy.deepcopy(plan), [], diffs, notes)
@@ -574,12 +791,17 @@ class NnxFlaxNetwork(FlaxNetwork):
 
   - ``init(rng)``: the variables (``NnxNetwork.variables()`` layout) of ``factory(..., rngs=nnx.Rngs(rng))``;
     only for the dense network (a narrowed one has no initializer of its own).
-  - ``apply``: ``train=`` switches ``model.train()``/``model.eval()``; the dropout key reseeds the
-    module's RNG streams (``NnxNetwork.apply``); statistics are averaged over ``axis_name`` as
-    ``FlaxNetwork`` does.
+  - ``apply``: ``train=`` switches ``model.train()``/``model.eval()`` and the call's train switch of
+    any common name; the step's dropout key reseeds the module's RNG streams and, when ``__call__``
+    takes ``rngs``, is given to it as ``nnx.Rngs(key)`` (eval mode: a fixed ``nnx.Rngs(0)``;
+    ``NnxNetwork.apply``); statistics are averaged over ``axis_name`` as ``FlaxNetwork`` does.
   - ``materialize``: the smaller network as the user's NNX classes (``rebuild_nnx``, as
     ``materialize_nnx``); its ``plan`` and variable shapes are in ``describe()`` (kind ``"nnx"``), from
-    which ``from_description`` narrows the factory's module again (``narrow_nnx``).
+    which ``from_description`` narrows the factory's module again (``narrow_nnx``). When the classes
+    cannot be narrowed (``RebuildError``), the smaller network is the traced program instead
+    (``NnxTracedNetwork``, a ``PrunedNetwork``), as ``FlaxNetwork`` falls back for linen, said in one
+    line on stdout: a run never stops there. Its description (kind ``"nnx"``, no plan) rebuilds it
+    by replaying the prunings on the factory's network.
   - ``deployable()``: the ``NnxNetwork`` view (``apply(variables, x)`` in eval mode, what
     ``make_predictor`` runs); ``deployable().merge(variables)`` is the ``nnx.Module`` itself.
 
@@ -610,8 +832,21 @@ class NnxFlaxNetwork(FlaxNetwork):
     src = self.source
     return NnxNetwork.of(call_factory(src["factory"], src["num_classes"], src.get("kwargs"), rng=rng)).variables()
 
-  def _smaller(self, small_vars, masks, decision) -> "NnxFlaxNetwork":
-    model, report = rebuild_nnx(self.traced, small_vars, masks)
+  def _smaller(self, small_vars, masks, decision, say: bool = False) -> FlaxNetwork:
+    """The pruned network as the user's NNX classes, narrowed (``rebuild_nnx``), or as the traced
+    program (``NnxTracedNetwork``) when they cannot be; ``say`` (materialization): that is said in one
+    line on stdout (the first reason, and how many more)."""
+    try:
+      model, report = rebuild_nnx(self.traced, small_vars, masks)
+    except Exception as err:  # noqa: BLE001 - whatever stops the rebuild, the traced program carries the run
+      problems = err.problems if isinstance(err, RebuildError) else [f"{type(err).__name__}: {err}"]
+      if say and jax.process_index() == 0:
+        print(f"[materialize] {self.label}: kept as the traced program (PrunedNetwork), not rebuilt as "
+              f"{type(self.module.merge()).__name__}: "
+              f"{fallback_summary(problems, 'bp.materialize_nnx raises them all')}", flush=True)
+      return NnxTracedNetwork(PrunedNetwork(prune_decision(self.traced, masks), _shapes(small_vars)), self.input_shape,
+                              self.source, self.prunings + (decision,), self.label, output=self.output,
+                              _streams=self._streams, _axes=self._axes)
     return dataclasses.replace(self, module=NnxNetwork.of(model), plan=report.plan,
                                prunings=self.prunings + (decision,), _traced=None, _var_shapes=None)
 
@@ -622,18 +857,42 @@ class NnxFlaxNetwork(FlaxNetwork):
     return desc
 
   @classmethod
-  def from_description(cls, desc: Mapping[str, Any], **options) -> "NnxFlaxNetwork":
+  def from_description(cls, desc: Mapping[str, Any], **options) -> FlaxNetwork:
     """The factory's module, narrowed by the stored plan (its variables zeros of the stored shapes,
-    to be replaced by the checkpoint's)."""
+    to be replaced by the checkpoint's); without a plan, the prunings replayed on the factory's
+    network (the traced program, ``NnxTracedNetwork``, where the run kept that)."""
     src = desc["source"]
-    net = FlaxNetwork.from_factory(src["factory"], src["num_classes"], desc["input_shape"], src.get("kwargs"))
+    net = FlaxNetwork.from_factory(src["factory"], src["num_classes"], desc["input_shape"], src.get("kwargs"),
+                                   output=src.get("output", "auto"))
     if not isinstance(net, NnxFlaxNetwork):
       raise ValueError(f"model factory {src['factory']} returns a flax.linen module; the description is of a "
                        "flax.nnx one")
     if not desc.get("plan"):
+      for decision in desc.get("prunings", ()):
+        net = net._apply_decision(dict(decision))
       return net
     dense = leaves_by_path(net.module.variables())
     zeros = {p: np.zeros(shape, dense[p].dtype) for p, shape in desc["variable_shapes"].items()}
     model = narrow_nnx(net.module.merge(), desc["plan"], traverse_util.unflatten_dict(zeros, sep="/"))
     return dataclasses.replace(net, module=NnxNetwork.of(model), plan=copy.deepcopy(desc["plan"]),
                                prunings=tuple(dict(p) for p in desc.get("prunings", ())))
+
+
+@dataclasses.dataclass(eq=False)
+class NnxTracedNetwork(FlaxNetwork):
+  """An NNX factory's network pruned as the traced program (``module``: a ``PrunedNetwork``), what
+  ``NnxFlaxNetwork`` becomes when ``rebuild_nnx`` cannot narrow its classes: a ``FlaxNetwork`` of
+  that linen module, pruned again the same way. ``describe()`` keeps kind ``"nnx"`` without a plan,
+  so ``NnxFlaxNetwork.from_description`` replays the prunings from the factory (``bp.load_network``,
+  ``--resume``); ``deployable()`` is the ``PrunedNetwork``."""
+
+  def _smaller(self, small_vars, masks, decision, say: bool = False) -> "NnxTracedNetwork":
+    module = PrunedNetwork(prune_decision(self.traced, masks), _shapes(small_vars))
+    return dataclasses.replace(self, module=module, prunings=self.prunings + (decision,), _traced=None,
+                               _var_shapes=None)
+
+  def init(self, rng) -> dict:
+    raise ValueError(f"{self.label}: only the network its factory makes can be initialised (this one is materialized)")
+
+  def describe(self) -> dict:
+    return {**super().describe(), "kind": "nnx", "plan": None}

@@ -4,40 +4,60 @@
 pruned network is instead an instance of (a subclass made on the fly of) the user's own module
 class, with the same fields: its methods run inside ``flax.linen.intercept_methods`` with an
 interceptor that, before each call of a flax layer, sets the layer's width attributes from a
-*plan*, and skips the removed residual blocks. Methods, submodules, ``nn.tabulate``, ``init``
+*plan*, and removes the removed residual blocks. Methods, submodules, ``nn.tabulate``, ``init``
 and any batch size then work as for any Flax module.
 
 A plan is a plain JSON-serialisable table::
 
     {"format": "bpcp_jax.plan/1", "class": "Net",
      "layers": {"Block_0/Conv_1": {"features": 12}, "dw": {"features": 24, "feature_group_count": 24}},
-     "removed_blocks": ["Block_1"]}
+     "removed_blocks": ["Block_1"],
+     "zeroed": {"Block_2/Conv_0": {"shape": [4, 8, 8, 12], "follow": [0, 1, 2], "dtype": "float32"}}}
 
 ``layers`` maps a module path (as in the variables, "" for the top module) to the attributes
 that differ from the dense network; each width is derived from the pruned variables' shapes
 (``features`` of ``nn.Dense``/``nn.Conv``/``nn.ConvTranspose``/``nn.Embed``/``nn.DenseGeneral``,
 depthwise ``feature_group_count``, ``num_heads``/``qkv_features``/``out_features`` of
-``nn.MultiHeadDotProductAttention``, ``num_groups`` of ``nn.GroupNorm``; norms take their width
-from their input). ``removed_blocks`` lists the modules whose ``__call__`` returns ``x + f(x)``
-for a residual block the masks remove: they return their first input instead. Which module that
-is comes from the trace: the add runs directly in that module (its named scope), its output is
-the module's output, and its other operand comes from outside the module.
+``nn.MultiHeadDotProductAttention`` and the ``features`` of its query/key/value projections;
+norms take their width from their input). Two counts are taken from the pruned program instead,
+as it runs them: a grouped convolution's ``feature_group_count`` and ``nn.GroupNorm``'s
+``num_groups`` (or ``group_size``, whichever the layer sets), so that whole groups and positions
+in every group may both be pruned. An attention layer whose per-head query/key dimension is
+pruned keeps the dense ``1/sqrt(head_dim)``, as the pruned program does: ``attention_depth`` (the
+dense dimension) wraps its ``attention_fn`` (``dense_scale_attention``); the value's per-head
+dimension may differ from the query's.
+
+A removed residual block goes in one of two ways (``removed_block_plan``, located from the trace
+through the named scopes Flax opens around module calls, ``flax_profile``, on by default):
+
+- ``removed_blocks``: the module whose ``__call__`` returns ``x + f(x)`` (the add runs directly in
+  it, its output is the module's, its other operand comes from outside) returns its first input;
+- otherwise (``relu(x + f(x))``, a projection shortcut ``proj(x) + f(x)``, each residual add of a
+  pre-LN transformer layer, an add in the top module's code) the modules only the block's branch
+  uses are ``zeroed``: each returns zeros of its output's shape in the pruned program (the axes in
+  ``follow``, the batch and such, as long as its first argument's), creating no variable, and the
+  module's own code runs on ``x`` around them: ``relu(x + 0)``, ``proj(x) + 0``, as the traced
+  program computes them.
 
 A layer of a type not listed whose variables change shape is assumed to take its widths from
 its input (``report.assumed``). ``rebuild`` makes the plan, narrows the class and checks the
 result against the traced ``PrunedNetwork`` (``init`` shapes, then outputs and updated
 collections in every traced mode); when the class cannot be rebuilt (a width hard-coded in user
-code, a removed block with a projection shortcut or whose add is not its module's output, a
-layer whose widths do not follow its input) it warns, naming the module path and the reason,
-and returns the ``PrunedNetwork``. Blocks are located through the named scopes Flax opens
-around module calls (``flax_profile``, on by default). A rebuilt network traced and pruned
-again gets a plan holding both rounds, from the original class.
+code, a variable only a removed branch reads in the code of a module that stays, such as a layer
+scale held as the layer's own parameter, a layer whose widths do not follow its input) it warns,
+naming the module path and the reason, and returns the ``PrunedNetwork``. When the outputs
+differ, the reason is the first op whose result differs (``disagreement``: both programs run,
+their ops aligned by primitive and module path): a mean over channels whose count is a constant
+in the module's code, a constant or a shape parameter computed from a width there (a hand-written
+split into groups). A rebuilt network traced and pruned again gets a plan holding both rounds,
+from the original class (its zeroed modules follow the new widths).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import warnings
 from typing import Any, Mapping, Optional
 
@@ -46,7 +66,7 @@ import jax
 import numpy as np
 
 from bpcp_jax.tracer.network import (PrunedNetwork, TracedNetwork, abstract_like, example_inputs_of,
-                                     _shrink, prune_decision)
+                                     _shrink, prune_decision, shape_under)
 from bpcp_jax.tracer.program import Lit
 from bpcp_jax.tracer.program import draws_random_numbers as program_draws
 
@@ -105,9 +125,10 @@ def _scope_name(module, method: str) -> str:
   return (module.name or type(module).__name__) + ("" if method == "__call__" else f".{method}")
 
 
-def record_calls(model, var_shapes, inputs, modes: Mapping) -> dict:
+def record_calls(model, var_shapes, inputs, modes: Mapping, axis_env=()) -> dict:
   """``{named-scope path: _Call}`` of every module method call of ``model.apply`` in each mode,
-  found by abstract evaluation; ``count`` is the largest number of calls in one mode."""
+  found by abstract evaluation; ``count`` is the largest number of calls in one mode. ``axis_env``:
+  the named axes ``[(name, size)]`` the network's collectives use (``TracedNetwork.axis_env``)."""
   calls: dict = {}
   for kwargs in modes.values():
     counts: dict = {}
@@ -125,11 +146,21 @@ def record_calls(model, var_shapes, inputs, modes: Mapping) -> dict:
       finally:
         stack.pop()
 
+    # outside the apply of a narrowed class: the interceptor added first is the outer one, so the recorder also
+    # sees the calls of the modules that class skips or zeroes
     with nn.intercept_methods(recorder):
-      jax.eval_shape(lambda v, x, kw=kwargs: model.apply(v, *x, **kw), var_shapes, tuple(inputs))
+      jax.make_jaxpr(lambda v, x, kw=kwargs: model.apply(v, *x, **kw), axis_env=list(axis_env) or None)(
+          var_shapes, tuple(inputs))
     for key, n in counts.items():
       calls[key].count = max(calls[key].count, n)
   return calls
+
+
+def op_label(e) -> str:
+  """An op as the user wrote it: ``relu`` for ``max(x, 0)``, else the primitive's name."""
+  if e.name == "max" and any(isinstance(v, Lit) and not np.any(np.asarray(v.value)) for v in e.ins):
+    return "relu"
+  return e.name
 
 
 # -- widths from the pruned variables' shapes ----------------------------------------------------
@@ -217,10 +248,13 @@ def _rule_for(module):
   return None
 
 
-def _layer_attrs(module, old_shapes, new_shapes, path, groups: Optional[int] = None) -> tuple[dict, Optional[str]]:
+def _layer_attrs(module, old_shapes, new_shapes, path, groups: Optional[int] = None,
+                 norm_split: Optional[tuple] = None) -> tuple[dict, Optional[str]]:
   """The attributes of ``module`` that change from the dense to the pruned shapes, and a note when
   its type is unknown but its variables change shape (assumed to take their widths from its input,
-  which the check of the rebuilt module then confirms or refutes)."""
+  which the check of the rebuilt module then confirms or refutes). ``groups``: the
+  ``feature_group_count`` of a grouped convolution, ``norm_split``: ``(num_groups, group_size)`` of a
+  ``GroupNorm``, as the pruned program runs them (``conv_groups``, ``group_norm_splits``)."""
   rule = _rule_for(module)
   own_old, own_new = _own_shapes(old_shapes, path), _own_shapes(new_shapes, path)
   if own_old and not own_new:
@@ -235,9 +269,13 @@ def _layer_attrs(module, old_shapes, new_shapes, path, groups: Optional[int] = N
   old = rule(module, own_old, lambda n: _own_shapes(old_shapes, path + (n,)))
   new = rule(module, own_new, lambda n: _own_shapes(new_shapes, path + (n,)))
   attrs = {}
+  if norm_split is not None and isinstance(module, nn.GroupNorm):  # as the pruned program splits the channels
+    new = {"num_groups": norm_split[0]} if module.num_groups is not None else {"group_size": norm_split[1]}
   for key, value in new.items():
     if key == "feature_group_count" and groups is not None:  # as the pruned program convolves
       value, old_value = groups, getattr(module, key)
+    elif key in ("num_groups", "group_size") and norm_split is not None:
+      old_value = getattr(module, key)
     elif isinstance(value, tuple) and value and value[0] in ("per_group_out", "per_group"):
       # a count that keeps the per-group size: new = old_count * new_width / old_width
       count, old_w, new_w = getattr(module, key), old[key][1], value[1]
@@ -248,9 +286,8 @@ def _layer_attrs(module, old_shapes, new_shapes, path, groups: Optional[int] = N
       old_value = old[key]
     if value != old_value:
       attrs[key] = value
-  if "head_dim" in attrs:
-    raise _Cannot(f"the per-head dimension changes ({old['head_dim']} -> {attrs['head_dim']}): the attention "
-                  "scale 1/sqrt(head_dim) of the rebuilt layer would differ from the pruned one")
+  if "head_dim" in attrs:  # the per-head query/key dimension: the attention keeps the dense 1/sqrt(depth)
+    attrs["attention_depth"] = getattr(module.attention_fn, "depth", old["head_dim"])
   attrs.pop("head_dim", None)
   if "num_embeddings" in attrs:
     raise _Cannot(f"the vocabulary changes ({old['num_embeddings']} -> {attrs['num_embeddings']})")
@@ -312,7 +349,7 @@ def block_modules(net: TracedNetwork, calls: Mapping, inputs) -> dict:
     elif any(_under(program.eqns[i].where, add.where) for i in consumers.get(add.outs[0], [])):
       i = next(i for i in consumers[add.outs[0]] if _under(program.eqns[i].where, add.where))
       out[name] = (None, f"{where}: the sum x + f(x) is processed further inside the module "
-                         f"({program.eqns[i].name}), so the module does not return it")
+                         f"({op_label(program.eqns[i])}), so the module does not return it")
     else:
       inner = _inside_ops(program, producer, data, block.residual, add.where)
       if inner is None:
@@ -363,42 +400,195 @@ def _concrete_inputs(net: TracedNetwork, inputs):
   return jax.tree_util.tree_unflatten(tree, out)
 
 
-def removed_block_modules(net: TracedNetwork, masks: Mapping, calls: Mapping, inputs,
-                          small_shapes) -> tuple[list, list]:
-  """(module paths to skip, problems) for the blocks ``masks`` remove (see ``block_modules``);
-  a module still owning pruned variables (a projection shortcut) is a problem."""
+# -- a removed block's branch replaced by zeros -----------------------------------------------
+
+# ops whose outputs are zero when their first operand is (the others are indices, shapes, a padding value)
+_ZERO_WITH_FIRST = frozenset("""reshape transpose broadcast_in_dim squeeze expand_dims convert_element_type copy copy_p
+reduce_precision slice dynamic_slice gather rev reduce_sum reduce_max reduce_min cumsum neg abs sign sin tanh erf sqrt
+real imag div""".split())
+_ZERO_WITH_ANY = frozenset(("mul", "dot_general", "conv_general_dilated"))  # zero when any operand is
+_ZERO_WITH_ALL = frozenset(("add", "sub", "add_any", "concatenate"))  # zero when every operand is
+
+
+def _zero_after(e, zero: set) -> bool:
+  """Whether the outputs of ``e`` are zero when the values in ``zero`` are (a sufficient test)."""
+  def is_zero(v, bound=None):
+    if isinstance(v, Lit):
+      value = np.asarray(v.value)
+      return not np.any(value) if bound is None else bool(np.all(value <= 0) if bound == "max" else np.all(value >= 0))
+    return v in zero
+  ins = list(e.ins)
+  if not ins:
+    return False
+  if e.name in _ZERO_WITH_ANY:
+    return any(is_zero(v) for v in ins)
+  if e.name in _ZERO_WITH_FIRST or (e.name == "integer_pow" and e.params.get("y", 0) > 0):
+    return is_zero(ins[0])
+  if e.name == "pad":
+    return is_zero(ins[0]) and is_zero(ins[1])
+  if e.name in _ZERO_WITH_ALL:
+    return all(is_zero(v) for v in ins)
+  if e.name == "select_n":
+    return all(is_zero(v) for v in ins[1:])
+  if e.name in ("max", "min"):  # relu: max(0, 0) = 0; max(0, c) = 0 for c <= 0
+    return any(not isinstance(v, Lit) and v in zero for v in ins) and all(is_zero(v, e.name) for v in ins)
+  return False
+
+
+def _var_owner(path: str) -> str:
+  """``"params/blocks/0/conv1/kernel"`` -> ``"blocks/0/conv1"``: the module owning a variable."""
+  return "/".join(path.split("/")[1:-1])
+
+
+def removed_block_plan(net: TracedNetwork, masks: Mapping, calls: Mapping, inputs, small_shapes,
+                       zeroed_before: Optional[Mapping] = None) -> tuple[list, dict, list, list]:
+  """``(skipped, zeroed, problems, hints)``: how a module of the user's classes (NNX) computes what the
+  traced program computes for the blocks ``masks`` remove (the add's output is its residual ``x``).
+
+  - ``skipped``: module paths that return their input: the module of a block whose ``__call__``
+    returns ``x + f(x)`` with ``x`` from outside it (``block_modules``) and no variable kept inside.
+  - ``zeroed``: ``{module path: {"shape": [...], "follow": [...], "dtype": str}}``, the modules that
+    only the removed blocks' branches use (every op inside them gone from the pruned program in every
+    traced mode, none of their variables kept), each replaced by one returning zeros of ``shape``
+    (the output's shape in the pruned program; the axes in ``follow``, of no channel group and as long
+    as the input's, as its first input's at call time: the batch, tokens, pixels). The code around
+    them still runs: for ``relu(x + f(x))`` the module then computes ``relu(x + 0)``, for a pre-LN
+    layer ``x = x + attn(ln1(x))`` becomes ``x + 0`` and its MLP sub-block stays, and a projection
+    shortcut is kept (``proj(x) + 0``). ``zeroed_before``: such modules from an earlier round (same
+    form): kept, their shapes recomputed for this one.
+  - ``problems``: what makes this impossible (a variable only the branch reads, in the code of a
+    module that stays; a module of the branch returning several values).
+  - ``hints``: removed blocks whose branch this cannot show to be zero once its modules return zeros
+    (an op such as ``exp`` between them and the add); worth saying only when the check then fails.
+  """
   decision = prune_decision(net, masks)
+  kept_vars = {"/".join(map(str, p)) for p in _paths(small_shapes)}
   blocks = block_modules(net, calls, inputs)
-  problems, removed = [], []
+  skipped, branches = [], []
   for name, keep in decision.keep_blocks.items():
-    if not keep:
-      path, reason = blocks[name]
-      if reason is not None:
-        problems.append(reason)
+    if keep:
+      continue
+    path, reason = blocks[name]
+    if reason is None and not any(_under(_var_owner(v), path) for v in kept_vars):
+      skipped.append(path)
+    else:
+      branches.append(name)
+  zeroed_before = dict(zeroed_before or {})
+  key_path = {k: "/".join(map(str, c.path)) for k, c in calls.items()}
+  calls_of: dict = {}
+  for k, p in key_path.items():
+    calls_of[p] = max(calls_of.get(p, 0), calls[k].count)
+  paths = {p for p in key_path.values() if p and not any(_under(p, s) for s in skipped)}
+  per_mode, seen, live_any = [], {}, set()
+  for mode in net.modes:
+    program, coupling = net.traced(mode, inputs)
+    live = {idx for idx, _ in _shrink(decision, mode, inputs).eqns}
+    inside: dict = {}  # module path -> indices of the ops it runs
+    in_skipped = set()  # ops inside the skipped modules
+    for i, e in enumerate(program.eqns):
+      parts = e.where.split("/")
+      for k in range(1, len(parts) + 1):
+        p = key_path.get("/".join(parts[:k]))
+        if p in paths:
+          inside.setdefault(p, []).append(i)
+        elif p is not None and p in skipped:
+          in_skipped.add(i)
+    for p, idxs in inside.items():
+      seen.setdefault(p, mode)
+      if any(i in live for i in idxs):
+        live_any.add(p)
+    per_mode.append((mode, program, coupling, live, inside, in_skipped))
+  dead = {p for p in seen if p not in live_any and not any(_under(_var_owner(v), p) for v in kept_vars)}
+  candidates = dead | {p for p in zeroed_before if p in paths}
+  chosen = sorted(p for p in candidates if not any(q != p and _under(p, q) for q in candidates))
+
+  problems, hints, zeroed = [], [], {}
+  for mode, program, coupling, live, inside, in_skipped in per_mode:
+    consumers: dict = {}
+    for i, e in enumerate(program.eqns):
+      for v in e.ins:
+        if not isinstance(v, Lit):
+          consumers.setdefault(v, []).append(i)
+    outvars = set(program.outvars)
+    data = set(program.invars[program.n_vars:])
+    for e in program.eqns:
+      if any(v in data for v in e.ins if not isinstance(v, Lit)):
+        data.update(e.outs)
+    keep_flat = decision.keep_flat(coupling)
+    codes = coupling.codes[program]
+    zero, in_zeroed = set(), set()
+    for p in chosen:
+      idxs = set(inside.get(p, ()))
+      in_zeroed |= idxs
+      outs = [o for i in sorted(idxs) for o in program.eqns[i].outs
+              if o in outvars or any(c not in idxs for c in consumers.get(o, ()))]
+      zero.update(outs)
+      if p in zeroed or not idxs:
+        continue
+      shapes = {tuple(shape_under(program, codes, keep_flat, o)) for o in outs}
+      if len(outs) > 1 and not (calls_of.get(p, 1) == len(outs) and len(shapes) == 1):  # not one per call
+        problems.append(f"{p}: a module only a removed block's branch uses returns {len(outs)} values; only one "
+                        "returning a single array can be replaced by zeros")
+        continue
+      old = zeroed_before.get(p)
+      if not outs:
+        zeroed[p] = old or {"shape": [], "follow": [], "dtype": "float32"}
+        continue
+      shape = [int(d) for d in shape_under(program, codes, keep_flat, outs[0])]
+      channels = [k for k, c in enumerate(codes.get(outs[0], ())) if c is not None]  # widths the plan sets
+      if old is not None:
+        follow = [k for k in old["follow"] if k < len(shape) and k not in channels]
       else:
-        removed.append(path)
-  for path in sorted({"/".join(map(str, p[1:-1])) for p in _paths(small_shapes)}):
-    inside = [r for r in removed if _under(path, r)]
-    if inside:
-      problems.append(f"{path}: its variables stay though it is inside the removed block module {inside[0]} "
-                      "(a projection shortcut?), and skipping that module would drop them")
-  return removed, problems
+        produced = {o for i in idxs for o in program.eqns[i].outs}
+        # the value the module takes from outside it, of the output's rank where there is one (a dropout's
+        # first op reads its key, not the array it is called with)
+        outside = [v for i in sorted(idxs) for v in program.eqns[i].ins
+                   if not isinstance(v, Lit) and v in data and v not in produced]
+        first = next((v for v in outside if len(program.avals[v].shape) == len(shape)),
+                     outside[0] if outside else None)
+        shape_in = shape_under(program, codes, keep_flat, first) if first is not None else ()
+        follow = [k for k, d in enumerate(shape) if k < len(shape_in) and shape_in[k] == d and k not in channels]
+      zeroed[p] = {"shape": shape, "follow": follow, "dtype": str(program.avals[outs[0]].dtype)}
+    # what still runs of a removed branch: the code of the modules that stay, between the zeros and the add
+    var_path = dict(zip(program.invars[:program.n_vars], program.var_paths))
+    for i, e in enumerate(program.eqns):
+      if i in live or i in in_zeroed or i in in_skipped:
+        continue
+      for v in e.ins:
+        if not isinstance(v, Lit) and v in var_path and var_path[v] not in kept_vars:
+          owner = _var_owner(var_path[v])
+          problems.append(f"{owner or '<top>'}: its variable {var_path[v]} is read only by a removed block's "
+                          f"branch ({op_label(e)} at {e.where}), in the module's own code; the module stays, so "
+                          "the variable cannot go (a submodule's can)")
+      if _zero_after(e, zero):
+        zero.update(e.outs)
+    for name in branches:
+      block = coupling.block_sites[program].get(name)
+      if block is not None and block.branch not in zero:
+        producer = next((e for e in program.eqns if block.branch in e.outs), None)
+        op = f" ({op_label(producer)} at {producer.where})" if producer is not None else ""
+        hints.append(f"block {name}: its branch is not zero once the modules only it uses return zeros{op}")
+  for p in chosen:  # one of an earlier round that runs no op now
+    zeroed.setdefault(p, zeroed_before.get(p) or {"shape": [], "follow": [], "dtype": "float32"})
+  return sorted(skipped), dict(sorted(zeroed.items())), list(dict.fromkeys(problems)), list(dict.fromkeys(hints))
 
 
 def _widths(calls: Mapping, old_shapes, new_shapes, removed, problems: list, notes: list,
-            groups: Optional[Mapping] = None) -> dict:
+            groups: Optional[Mapping] = None, norm_splits: Optional[Mapping] = None) -> dict:
   """The plan's ``layers``: ``{module path: {attribute: JSON value}}`` of the modules called
-  (outside the removed blocks) whose widths change; problems and notes appended to the lists.
-  ``groups``: ``{module path: feature_group_count}`` of the grouped convolutions as the pruned
-  program runs them (whole groups and per-group widths may both be pruned)."""
+  (outside the removed blocks' and the zeroed modules, ``removed``) whose widths change; problems
+  and notes appended to the lists. ``groups``: ``{module path: feature_group_count}`` of the grouped
+  convolutions, ``norm_splits``: ``{module path: (num_groups, group_size)}`` of the GroupNorms, as
+  the pruned program runs them (whole groups and per-group widths may both be pruned)."""
   layers = {}
-  groups = groups or {}
+  groups, norm_splits = groups or {}, norm_splits or {}
   for call in calls.values():
     path = "/".join(call.path)
     if path in layers or any(_under(path, r) for r in removed if path):
       continue
     try:
-      attrs, note = _layer_attrs(call.module, old_shapes, new_shapes, call.path, groups.get(path))
+      attrs, note = _layer_attrs(call.module, old_shapes, new_shapes, call.path, groups.get(path),
+                                 norm_splits.get(path))
     except _Cannot as err:
       problems.append(f"{path or '<top>'}: {err}")
       continue
@@ -406,6 +596,13 @@ def _widths(calls: Mapping, old_shapes, new_shapes, removed, problems: list, not
       notes.append(note)
     if attrs:
       layers[path] = {k: list(v) if isinstance(v, tuple) else int(v) for k, v in attrs.items()}
+    if attrs and isinstance(call.module, nn.MultiHeadDotProductAttention):
+      # its query/key/value projections take (heads, qkv_features // heads) from it: each set from its own
+      # kernel instead, so that the query/key and the value per-head dimensions may differ
+      for child in ("query", "key", "value"):
+        kernel = _own_shapes(new_shapes, call.path + (child,)).get("params/kernel")
+        if kernel is not None:
+          layers["/".join(call.path + (child,))] = {"features": [int(d) for d in kernel[1:]]}
   return dict(sorted(layers.items()))
 
 
@@ -456,26 +653,51 @@ def conv_groups(decision, inputs) -> dict:
   return out
 
 
-def _plan(net: TracedNetwork, small_variables, masks: Mapping, inputs, decision=None) -> tuple[dict, list, list]:
-  """(plan, problems, notes): see ``pruning_plan``. ``decision``: the masks' ``prune_decision``
-  when the caller has one (its pruned programs are cached there)."""
-  calls = record_calls(net.model, net.var_shapes, inputs, net.modes)
+def group_norm_splits(decision, calls: Mapping, inputs, cls=nn.GroupNorm) -> dict:
+  """``{module path: (num_groups, group_size)}`` of each ``cls`` layer (a GroupNorm) as the pruned
+  program runs it: the shape of its reshape ``(..., C) -> (..., groups, size)`` there (whole groups and
+  positions in every group may both be pruned)."""
+  scopes = {k: "/".join(map(str, c.path)) for k, c in calls.items() if isinstance(c.module, cls)}
+  out: dict = {}
+  for mode in decision.net.modes:
+    program, _ = decision.net.traced(mode, inputs)
+    shrunk = _shrink(decision, mode, inputs)
+    for _, e in shrunk.eqns:
+      path = scopes.get(e.where)
+      if path is None or path in out or e.name != "reshape":
+        continue
+      a, b = program.shape(e.ins[0]), program.shape(e.outs[0])
+      if len(b) == len(a) + 1 and b[:-2] == a[:-1] and b[-2] * b[-1] == a[-1]:
+        new = shrunk.shapes[e.outs[0]]
+        out[path] = (int(new[-2]), int(new[-1]))
+  return out
+
+
+def _plan(net: TracedNetwork, small_variables, masks: Mapping, inputs, decision=None) -> tuple:
+  """(plan, problems, notes, hints): see ``pruning_plan`` and ``removed_block_plan``. ``decision``:
+  the masks' ``prune_decision`` when the caller has one (its pruned programs are cached there)."""
+  decision = decision or prune_decision(net, masks)
+  calls = record_calls(net.model, net.var_shapes, inputs, net.modes, net.axis_env)
   new_shapes = _shapes(small_variables)
-  removed, problems = removed_block_modules(net, masks, calls, inputs, new_shapes)
+  previous = plan_of(net.model)  # pruning a rebuilt network again: the plan from the original class
+  removed, zeroed, problems, hints = removed_block_plan(net, masks, calls, inputs, new_shapes,
+                                                        (previous or {}).get("zeroed"))
   notes: list = []
-  groups = conv_groups(decision or prune_decision(net, masks), inputs)
-  layers = _widths(calls, net.var_shapes, new_shapes, removed, problems, notes, groups)
+  gone = removed + list(zeroed)
+  layers = _widths(calls, net.var_shapes, new_shapes, gone, problems, notes, conv_groups(decision, inputs),
+                   group_norm_splits(decision, calls, inputs))
   cls = type(net.model)
   cls = getattr(cls, "_bpcp_base", cls)
-  previous = plan_of(net.model)  # pruning a rebuilt network again: the plan from the original class
   if previous is not None:
     merged = previous["layers"]
     for path, attrs in layers.items():
       merged.setdefault(path, {}).update(attrs)
-    layers, removed = dict(sorted(merged.items())), previous["removed_blocks"] + removed
-  plan = {"format": PLAN_FORMAT, "class": cls.__qualname__, "layers": layers,
-          "removed_blocks": sorted(removed)}
-  return plan, list(dict.fromkeys(problems)), notes
+    layers, removed = merged, previous["removed_blocks"] + removed
+  layers = {p: a for p, a in sorted(layers.items()) if not any(_under(p, g) for g in gone if p)}
+  plan = {"format": PLAN_FORMAT, "class": cls.__qualname__, "layers": layers, "removed_blocks": sorted(set(removed))}
+  if zeroed:
+    plan["zeroed"] = zeroed
+  return plan, list(dict.fromkeys(problems)), notes, hints
 
 
 def pruning_plan(net: TracedNetwork, small_variables, masks: Mapping, *example_inputs) -> dict:
@@ -487,7 +709,7 @@ def pruning_plan(net: TracedNetwork, small_variables, masks: Mapping, *example_i
   that cannot be narrowed, with its path and the reason. The plan is not checked numerically:
   ``rebuild`` does that.
   """
-  plan, problems, _ = _plan(net, small_variables, masks, tuple(example_inputs) or example_inputs_of(net))
+  plan, problems, _, _ = _plan(net, small_variables, masks, tuple(example_inputs) or example_inputs_of(net))
   if problems:
     raise RebuildError(problems)
   return plan
@@ -504,15 +726,58 @@ def _check_plan(plan) -> None:
   for path, attrs in plan["layers"].items():
     if not isinstance(attrs, Mapping):
       raise ValueError(f"pruning plan layer {path!r}: expected a mapping of attributes, got {attrs!r}")
+  for path, spec in plan.get("zeroed", {}).items():
+    if not isinstance(spec, Mapping) or not isinstance(spec.get("shape"), (list, tuple)):
+      raise ValueError(f"pruning plan zeroes module {path!r} with {spec!r}; expected {{'shape': [...], 'follow': "
+                       "[...], 'dtype': ...}")
 
 
-def _narrowing_interceptor(layers: Mapping, removed: frozenset):
+def dense_scale_attention(base, depth: int):
+  """``base`` (an ``attention_fn`` of ``nn.MultiHeadDotProductAttention``, which must scale by
+  ``1/sqrt(query.shape[-1])``, as flax's ``dot_product_attention`` does) with its queries scaled by
+  ``sqrt(kept / depth)`` first: a layer whose per-head query/key dimension was pruned from ``depth``
+  to ``kept`` keeps the dense network's ``1/sqrt(depth)``, as the pruned program does. Its signature
+  is ``base``'s (the layer passes the keywords ``base`` takes); ``.depth`` and ``.base`` say what it wraps."""
+  base = getattr(base, "base", base) if hasattr(base, "depth") else base
+
+  @functools.wraps(base)
+  def attention(query, key, value, *args, **kwargs):
+    kept = query.shape[-1]
+    if kept != depth:
+      query = query * jax.numpy.asarray(np.sqrt(kept / depth), query.dtype)
+    return base(query, key, value, *args, **kwargs)
+  attention.depth, attention.base = int(depth), base
+  return attention
+
+
+def _zeros(spec: Mapping, args, kwargs):
+  """Zeros of ``spec["shape"]`` (``dtype``), the axes in ``follow`` as long as the first array argument's."""
+  ref = next((a for a in (*args, *kwargs.values()) if hasattr(a, "shape")), None)
+  follow = set(spec.get("follow", ()))
+  shape = [ref.shape[k] if k in follow and ref is not None and k < len(ref.shape) else int(d)
+           for k, d in enumerate(spec["shape"])]
+  return jax.numpy.zeros(shape, spec.get("dtype", "float32"))
+
+
+def _narrowing_interceptor(layers: Mapping, removed: frozenset, zeroed: Optional[Mapping] = None):
+  """Before each call of a module of ``layers``, its attributes set (``attention_depth``: its
+  ``attention_fn`` wrapped by ``dense_scale_attention``); the ``__call__`` of a ``removed`` module
+  returns its first input; every method of a ``zeroed`` one (``{path: {"shape", "follow", "dtype"}}``)
+  returns zeros (``_zeros``) and its ``setup`` does not run, so it creates no variable."""
+  zeroed = dict(zeroed or {})
+
   def interceptor(next_fun, args, kwargs, context):
     m = context.module
     if m.scope is not None:
       path = "/".join(m.path)
       for key, value in layers.get(path, {}).items():
-        object.__setattr__(m, key, value)  # a bound clone made for this call: never the user's instance
+        if key == "attention_depth":
+          if getattr(m.attention_fn, "depth", None) != value:
+            object.__setattr__(m, "attention_fn", dense_scale_attention(m.attention_fn, value))
+        else:
+          object.__setattr__(m, key, value)  # a bound clone made for this call: never the user's instance
+      if path in zeroed:
+        return None if context.method_name == "setup" else _zeros(zeroed[path], args, kwargs)
       if path in removed and context.method_name == "__call__":
         return args[0] if args else next(iter(kwargs.values()))
     return next_fun(*args, **kwargs)
@@ -532,7 +797,9 @@ def narrow(model: nn.Module, plan: Mapping) -> nn.Module:
     raise ValueError(f"the pruning plan was made for class {plan['class']!r}, not {base.__qualname__!r}")
   layers = {path: {k: tuple(v) if isinstance(v, list) else v for k, v in attrs.items()}
             for path, attrs in plan["layers"].items()}
-  interceptor = _narrowing_interceptor(layers, frozenset(plan["removed_blocks"]))
+  zeroed = {path: {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in spec.items()}
+            for path, spec in plan.get("zeroed", {}).items()}
+  interceptor = _narrowing_interceptor(layers, frozenset(plan["removed_blocks"]), zeroed)
 
   def entry(name):
     def method(self, *args, **kwargs):
@@ -585,6 +852,16 @@ def _run_tracked(fn, failed_at: list):
     return fn()
 
 
+def _under_axes(fn, axis_env):
+  """``fn(v, x)`` with the named axes ``axis_env`` (``[(name, size)]``, ``TracedNetwork.axis_env``)
+  bound, every member of an axis computing the same: how a network whose collectives name an axis
+  (``BatchNorm(axis_name="batch")``) runs outside ``pmap``, a mean over the axis being the value itself."""
+  for name, size in reversed(tuple(axis_env)):
+    fn = (lambda f, n, k: lambda v, x: jax.tree_util.tree_map(
+        lambda a: a[0], jax.vmap(f, in_axes=None, axis_name=n, axis_size=k)(v, x)))(fn, name, int(size))
+  return fn
+
+
 def check_rebuilt(module, reference: PrunedNetwork, small_variables, inputs, modes: Mapping,
                   tol: float = 1e-5) -> tuple[list, dict]:
   """``(problems, max_abs_diff)``: ``module.init`` must create exactly the shapes of
@@ -613,10 +890,11 @@ def check_rebuilt(module, reference: PrunedNetwork, small_variables, inputs, mod
     ref_kw = {"train": mode == "train", "mutable": kw.get("mutable", False)}
     if kw.get("rngs"):  # random ops draw from the keys given at call time, in both
       ref_kw["rngs"] = kw["rngs"]
-    want = jax.jit(lambda v, x: reference.apply(v, *x, **ref_kw))(small_variables, inputs)
+    axes = reference.decision.net.axis_env  # the named axes of the network's collectives, bound for both
+    want = jax.jit(_under_axes(lambda v, x: reference.apply(v, *x, **ref_kw), axes))(small_variables, inputs)
     failed_at = []
     try:
-      run = jax.jit(lambda v, x, kw=kw: module.apply(v, *x, **kw))
+      run = jax.jit(_under_axes(lambda v, x, kw=kw: module.apply(v, *x, **kw), axes))
       got = _run_tracked(lambda: run(small_variables, inputs), failed_at)
     except Exception as err:  # noqa: BLE001
       problems.append(f"{failed_at[0] if failed_at else '<top>'}: the narrowed class fails in {mode} mode: "
@@ -631,9 +909,142 @@ def check_rebuilt(module, reference: PrunedNetwork, small_variables, inputs, mod
       continue
     diffs[mode] = _max_diff(got, want)
     if not diffs[mode] <= tol:
-      problems.append(f"<top>: in {mode} mode the narrowed class differs from the pruned program by "
+      try:
+        cause = disagreement(module, reference, small_variables, inputs, mode, kw, tol)
+      except Exception:  # noqa: BLE001 - the diagnosis is best effort; the generic message stays
+        cause = None
+      problems.append(cause or f"<top>: in {mode} mode the narrowed class differs from the pruned program by "
                       f"{diffs[mode]:.3g} (a width or constant computed in the module's code)")
   return problems, diffs
+
+
+def _run_recorded(program, var_leaves, in_leaves, **kwargs) -> dict:
+  """``run_program`` (jitted) recording every equation's outputs: ``{eqn index: [arrays]}``."""
+  from bpcp_jax.tracer.program import bind, run_program
+  hook = kwargs.pop("hook", None)
+
+  def run(var_leaves, in_leaves):
+    seen = {}
+
+    def record(idx, e, vals):
+      outs = hook(idx, e, vals) if hook is not None else None
+      seen[idx] = list(bind(e, vals) if outs is None else outs)
+      return seen[idx]
+    run_program(program, var_leaves, in_leaves, hook=record, **kwargs)
+    return seen
+  return jax.device_get(jax.jit(run)(list(var_leaves), list(in_leaves)))
+
+
+def _where(e) -> str:
+  """The module path of an equation: its named scope without the top module's name (the class's) and the
+  methods' names (``"root_conv/root_conv.param"`` -> ``"root_conv"``)."""
+  parts = e.where.split("/")[1:]
+  out = []
+  for p in parts:
+    name, dot, _ = p.partition(".")
+    if not (dot and out and out[-1] == name):  # "conv/conv.param": a method of the module just named
+      out.append(name)
+  return "/".join(out)
+
+
+def _differ(a, b, tol: float) -> Optional[float]:
+  """The relative difference of two results, ``None`` when they agree (or are not numbers)."""
+  if np.shape(a) != np.shape(b):
+    return float("inf")
+  try:
+    a, b = np.asarray(a), np.asarray(b)
+  except TypeError:  # PRNG keys
+    return None
+  if not (jax.numpy.issubdtype(a.dtype, jax.numpy.number) and jax.numpy.issubdtype(b.dtype, jax.numpy.number)):
+    return None
+  a, b = a.astype(np.float64), b.astype(np.float64)
+  same_nan = np.isnan(a) & np.isnan(b)
+  a, b = np.where(same_nan, 0.0, a), np.where(same_nan, 0.0, b)
+  if not a.size:
+    return None
+  d = float(np.max(np.abs(a - b))) / max(1.0, float(np.max(np.abs(b))))
+  return d if not d <= tol else None
+
+
+def disagreement(module, reference: PrunedNetwork, small_variables, inputs, mode: str, kw: Mapping,
+                 tol: float = 1e-5) -> Optional[str]:
+  """``"<module path>: <the op that makes the narrowed class differ>"``, or ``None`` when it cannot tell.
+
+  Both programs are run on ``inputs`` (the narrowed class ``module`` traced at the pruned variables'
+  shapes, and the pruned program of ``reference``) and their equations aligned by primitive and
+  module path; the first aligned op whose result differs is named: a mean over channels whose
+  divisor is a constant in the module's code, a constant or a shape parameter (a group count, a
+  reshape) computed from a width there, or a shape."""
+  import difflib
+  from bpcp_jax.tracer.network import _run_shrunk, leaves_by_path
+  from bpcp_jax.tracer.program import trace_program
+  net = reference.decision.net
+  program, coupling = net.traced(mode, inputs)
+  shrunk = _shrink(reference.decision, mode, inputs)
+  leaves = leaves_by_path(small_variables)
+  in_leaves = jax.tree_util.tree_leaves(inputs)
+  ours = _run_recorded(program, [leaves.get(p) for p in program.var_paths], in_leaves, eqns=shrunk.eqns,
+                       alias=shrunk.alias, consts=shrunk.consts, outvars=shrunk.main_out,
+                       hook=lambda idx, e, vals: _run_shrunk(e, vals, shrunk, program))
+  theirs_program = trace_program(module, jax.tree_util.tree_map(abstract_like, small_variables), *inputs,
+                                 axis_env=net.axis_env, **kw)
+  theirs_leaves = leaves_by_path(small_variables)
+  theirs = _run_recorded(theirs_program, [theirs_leaves[p] for p in theirs_program.var_paths], in_leaves)
+  a = [(i, e) for i, e in shrunk.eqns if i in ours]
+  b = list(enumerate(theirs_program.eqns))
+  matcher = difflib.SequenceMatcher(None, [(e.name, _where(e)) for _, e in a], [(e.name, _where(e)) for _, e in b],
+                                    autojunk=False)
+  try:
+    calls = record_calls(net.model, net.var_shapes, inputs, {mode: kw}, axis_env=net.axis_env)
+  except Exception:  # noqa: BLE001 - the layers' types only add to the message
+    calls = {}
+  kinds = {"/".join(c.path): type(c.module).__name__ for c in calls.values()
+           if type(c.module).__module__.startswith("flax.")}  # a library layer: named with its type
+  for block in matcher.get_matching_blocks():
+    for j in range(block.size):
+      (i, e), (k, f) = a[block.a + j], b[block.b + j]
+      d = next((x for x in map(lambda p: _differ(*p, tol), zip(ours[i], theirs[k])) if x is not None), None)
+      if d is None:
+        continue
+      path = _where(e)
+      kind = kinds.get(path)
+      at = f"{e.name} at {path or '<top>'}" + (f" (in a {kind})" if kind else "")
+      lits = [(p, x.value, y.value) for p, (x, y) in enumerate(zip(e.ins, f.ins))
+              if isinstance(x, Lit) and isinstance(y, Lit) and not np.array_equal(x.value, y.value)]
+      if i in coupling.divisors.get(program, {}):
+        pos, src, axes, _ = coupling.divisors[program][i]
+        theirs_div = next((y for p, _, y in lits if p == pos), None)
+        ours_div = e.ins[pos].value if isinstance(e.ins[pos], Lit) else None
+        return (f"{path or '<top>'}: a mean over channels ({at}) divides by {_num(ours_div)}, the kept count, in the "
+                f"pruned program and by {_num(theirs_div) if theirs_div is not None else 'another value'} in the "
+                "module's code: a count written there as a constant (a sum divided by a literal equal to the "
+                "number of elements it sums is taken for a mean; write jnp.mean or divide by x.shape[-1])")
+      if lits:
+        _, x, y = lits[0]
+        return (f"{path or '<top>'}: {at} uses the constant {_num(x)} in the pruned program and {_num(y)} in the "
+                "module's code (a constant computed from a width there)")
+      params = [(name, e.params[name], f.params.get(name)) for name in e.params
+                if name in f.params and _plain(e.params[name]) and _plain(f.params[name])
+                and e.params[name] != f.params[name]]
+      if params:
+        name, x, y = params[0]
+        return (f"{path or '<top>'}: {at} has {name}={x} in the pruned program and {name}={y} in the module's "
+                "code (a width or group count computed there)")
+      if d == float("inf"):
+        return (f"{path or '<top>'}: {at} gives shape {tuple(np.shape(ours[i][0]))} in the pruned program and "
+                f"{tuple(np.shape(theirs[k][0]))} in the module's code (a width in the module's code)")
+      return (f"{path or '<top>'}: {at} is the first op whose result differs between the narrowed class and the "
+              f"pruned program (by {d:.3g})")
+  return None
+
+
+def _num(x) -> str:
+  return "?" if x is None else f"{float(np.asarray(x)):g}"
+
+
+def _plain(x) -> bool:
+  """A parameter that compares as a value (shapes, counts, axes), not a sub-program."""
+  return isinstance(x, (int, float, str, bool, tuple))
 
 
 def rebuild(net: TracedNetwork, small_variables, masks: Mapping, *example_inputs,
@@ -648,15 +1059,27 @@ def rebuild(net: TracedNetwork, small_variables, masks: Mapping, *example_inputs
   """
   decision = prune_decision(net, masks)
   reference = PrunedNetwork(decision, _shapes(small_variables))
+  if isinstance(net.model, PrunedNetwork):  # pruned again after a fallback: the traced program stays one
+    problems = ["<top>: the network is the traced program (PrunedNetwork) already, which has no class of its own "
+                "to narrow"]
+    warnings.warn(problems[0], RebuildWarning, stacklevel=2)
+    return reference, RebuildReport(False, None, problems, {})
   inputs = _concrete_inputs(net, example_inputs)
-  plan, problems, notes = _plan(net, small_variables, masks, inputs, decision)
+  plan, problems, notes, hints = _plan(net, small_variables, masks, inputs, decision)
   diffs = {}
   if not problems:
     module = narrow(net.model, plan)
     problems, diffs = check_rebuilt(module, reference, small_variables, inputs, net.modes, tol)
-    problems += notes if problems else []
+    problems += hints + notes if problems else []
   if problems:
     warnings.warn(f"{type(net.model).__qualname__} is not rebuilt as its own class, the pruned network is the "
                   "traced PrunedNetwork: " + "; ".join(problems), RebuildWarning, stacklevel=2)
     return reference, RebuildReport(False, plan, list(problems), diffs, notes)
   return module, RebuildReport(True, plan, [], diffs, notes)
+
+
+def fallback_summary(problems, more: str = "see report.problems") -> str:
+  """The first of ``problems`` on one line, with how many more there are: ``"<first> (and 2 more: <more>)"``."""
+  first = " ".join(str(problems[0]).split()) if problems else "no reason given"
+  rest = len(problems) - 1
+  return first + (f" (and {rest} more: {more})" if rest > 0 else "")
