@@ -22,24 +22,18 @@ def make_predictor(model, variables, **apply_kwargs: Any) -> Callable:
   """``predict(*inputs)``: ``model.apply(variables, *inputs, train=False, **apply_kwargs)``, compiled
   with the weights as constants (one compilation per input shape, as ``jax.jit``).
 
-  ``train=False`` is passed only to modules that take it (the ResNet families do; give
-  ``apply_kwargs`` for any other eval-mode switch)."""
+  The eval-mode switch is passed to modules that take one (``train=False``, ``training=False``,
+  ``deterministic=True``, ...: ``tracer.provider.train_switch``) unless ``apply_kwargs`` set one;
+  give ``apply_kwargs`` for a switch of any other name."""
+  from bpcp_jax.tracer.provider import TRAIN_SWITCHES, mode_kwargs
+
   fixed = jax.tree.map(np.asarray, jax.device_get(variables))  # a snapshot, held by the program
   kwargs = dict(apply_kwargs)
-  if "train" not in kwargs and _takes_train(model):
-    kwargs["train"] = False
+  if not any(name in kwargs for name, _ in TRAIN_SWITCHES):
+    kwargs.update(mode_kwargs(model, False))
 
   @jax.jit
   def predict(*inputs):
     return model.apply(fixed, *inputs, **kwargs)
 
   return predict
-
-
-def _takes_train(model) -> bool:
-  import inspect
-
-  try:
-    return "train" in inspect.signature(type(model).__call__).parameters
-  except (TypeError, ValueError):
-    return False
