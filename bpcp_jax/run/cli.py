@@ -323,6 +323,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     where = f" ({e.filename})" if getattr(e, "filename", None) else ""
     print(f"bpcp-jax: error: {e.strerror or e}{where}", file=sys.stderr)
     return 2
+  except Exception as e:  # noqa: BLE001 - unforeseen (a bug, or an input nothing checked): no raw traceback
+    if os.environ.get("BPCP_JAX_TRACEBACK"):
+      raise
+    print(_unexpected(e, args, argv), file=sys.stderr, flush=True)
+    return 1
+
+
+def _unexpected(error: Exception, args, argv: Sequence[str]) -> str:
+  """What an unforeseen error says: the error in one line, then (for the stage commands) the last
+  checkpoint written and the command that resumes from it, and how to see the whole traceback."""
+  text = " ".join(str(error).split()) or "(no message)"
+  lines = [f"bpcp-jax: error: {type(error).__name__}: {text[:2000]}"]
+  if args.command in SUBCOMMAND_STAGES:
+    last = _last_checkpoint(getattr(args, "workdir", None))
+    lines.append(f"last checkpoint: {last}" if last else "no checkpoint was written yet")
+    if last:
+      lines.append(f"resume with: {_resume_command(argv, args.command)}")
+  lines.append("this is unexpected: run again with BPCP_JAX_TRACEBACK=1 for the whole traceback (for a bug report)")
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,9 @@ def default_config() -> ml_collections.ConfigDict:
   # "package.module:make_model" (called with num_classes if it takes it, and with rngs=nnx.Rngs(...) when it
   # makes a flax.nnx module; traced to find its groups)
   c.model = "resnet_v2_56"
+  # where the logits are in what your network returns: "auto" takes an array as it is and an output object's
+  # .logits (a dict's "logits"); else a field, key or tuple index, dotted for a path: "logits", "0", "out.logits"
+  c.model_output = "auto"
   c.num_classes = 10
   # start from trained weights instead of a fresh init: an orbax checkpoint directory or a flax
   # msgpack file (flax.serialization.to_bytes of the variables); then pretraining can be skipped

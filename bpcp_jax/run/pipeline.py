@@ -93,7 +93,7 @@ def build_network(config, input_shape=(32, 32, 3)) -> PrunableNetwork:
                                 init_style=config.init_style, image_size=input_shape[0])
   from bpcp_jax.tracer.provider import FlaxNetwork
 
-  return FlaxNetwork.from_factory(config.model, config.num_classes, input_shape)
+  return FlaxNetwork.from_factory(config.model, config.num_classes, input_shape, output=config.model_output)
 
 
 def check_run_config(config) -> None:
@@ -101,6 +101,9 @@ def check_run_config(config) -> None:
   check_config(config)
   if is_family(config.model):
     parse_model_name(config.model)
+    if config.model_output not in ("", "auto"):
+      raise ValueError(f"config key 'model_output' = {config.model_output!r} is for your own networks; the family "
+                       f"network {config.model} returns its logits (leave model_output 'auto')")
   stage_list(config)
   n_dev = jax.device_count()
   for key in ("batch_size", "eval_batch_size"):
@@ -326,9 +329,12 @@ def describe_run(config, stages: list[str], start: StartNetwork, workdir: str, r
   limits = [f"{n} {what}" for n, what in ((d.max_train_per_class, "train"), (d.max_test_per_class, "test")) if n]
   lines.append(f"data: {src}" + (f", at most {' and '.join(limits)} images per class" if limits else ", every image"))
   n_dev = jax.device_count()
+  axis = parallel.step_axis(network)  # a network whose collectives name several axes is refused here
+  named = list(getattr(network, "axis_names", ()) or ())
   lines.append(f"devices: {n_dev} x {jax.devices()[0].platform} ({jax.process_count()} process"
                f"{'es' if jax.process_count() > 1 else ''}), batch {config.batch_size} "
-               f"({config.batch_size // n_dev} per device)")
+               f"({config.batch_size // n_dev} per device)"
+               + (f"; the network's BatchNorm statistics span the devices (axis {axis!r})" if named else ""))
   lines.append(f"run directory: {os.path.abspath(workdir)}{' (resuming)' if resume else ''}")
   return lines
 
@@ -661,4 +667,6 @@ def _run_stages(ctx: RunContext, stages: list[str], current: StageOutput, before
 def evaluate_output(config, out: StageOutput, split: data.Split, progress: bool = True) -> float:
   state = steps.create_train_state(out.variables, make_optimizer(0.0), np.zeros(2, np.uint32))
   p_eval = parallel.parallel_eval_step(out.network)
-  return evaluate(p_eval, parallel.replicate(state), split, config.eval_batch_size, progress=progress)["accuracy"]
+  axis = parallel.step_axis(out.network)
+  return evaluate(p_eval, parallel.replicate(state, axis), split, config.eval_batch_size, progress=progress,
+                  axis=axis)["accuracy"]

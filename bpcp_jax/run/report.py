@@ -31,8 +31,21 @@ SETTLED_MARGIN = 0.2  # a block decision is settled when its keep probability is
 # block decisions
 
 
+def keep_probability(logit) -> float:
+  """``sigmoid(logit)`` as a float for a logit of any size (1e4, -1e4, inf: 1.0, 0.0, 1.0; NaN: NaN),
+  computed so that ``exp`` never overflows."""
+  a = float(np.asarray(logit, np.float64))
+  if math.isnan(a):
+    return math.nan
+  if a >= 0:
+    return 1.0 / (1.0 + math.exp(-a))
+  e = math.exp(a)  # a < 0: e in [0, 1)
+  return e / (1.0 + e)
+
+
 def block_decisions(gates: dict[str, Any], records: Sequence[dict] = (), settled_margin: float = SETTLED_MARGIN):
-  """The block search's decisions: keep iff p = sigmoid(logit) >= 0.5, with their margins.
+  """The block search's decisions: keep iff logit >= 0 (p = sigmoid(logit) >= 0.5), with their margins;
+  logits of any size are read (``keep_probability``).
 
   ``records``: the run's ``metrics.jsonl`` lines; the search's last two epochs tell whether a
   decision flipped in the last epoch. A decision is settled when |p - 0.5| >= ``settled_margin``
@@ -44,8 +57,8 @@ def block_decisions(gates: dict[str, Any], records: Sequence[dict] = (), settled
   previous = search[-2]["gate_probs"] if len(search) >= 2 else {}
   blocks = {}
   for name in sorted(gates):
-    p = float(1.0 / (1.0 + math.exp(-float(np.asarray(gates[name])))))
-    kept = p >= 0.5
+    p = keep_probability(gates[name])
+    kept = float(np.asarray(gates[name], np.float64)) >= 0  # the rule materialize applies (NaN: removed)
     flipped = name in previous and (previous[name] >= 0.5) != kept
     blocks[name] = {"keep_prob": p, "margin": abs(p - 0.5), "kept": kept, "flipped_last_epoch": flipped,
                     "settled": abs(p - 0.5) >= settled_margin and not flipped}
@@ -136,8 +149,8 @@ def summarize(ctx, dense, final, history, labels: tuple[str, str] = ("dense", "p
   }
   d, p = summary["dense"], summary["pruned"]
   summary["reduction"] = {
-      "params_removed_pct": 100.0 * (1 - p["params"] / d["params"]),
-      "macs_removed_pct": 100.0 * (1 - p["macs"] / d["macs"]),
+      "params_removed_pct": _removed_pct(p["params"], d["params"]),
+      "macs_removed_pct": _removed_pct(p["macs"], d["macs"]),
       "accuracy_drop_pct_points": 100.0 * (d["accuracy"] - p["accuracy"]),
   }
   summary["speedup_spread"] = {}
@@ -155,6 +168,11 @@ def summarize(ctx, dense, final, history, labels: tuple[str, str] = ("dense", "p
   return summary
 
 
+def _removed_pct(left: float, before: float) -> float:
+  """``100 * (1 - left / before)``; 0 when nothing was there to remove."""
+  return 100.0 * (1 - left / before) if before else 0.0
+
+
 def _read_jsonl(path):
   if not os.path.exists(path):
     return []
@@ -168,6 +186,8 @@ def _batch(key: str) -> int:
 
 def format_ms(ms: float) -> str:
   """Milliseconds with three significant digits, never in exponent form (0.684, 7.73, 890, 1,140)."""
+  if not math.isfinite(ms):
+    return str(ms)
   return f"{ms:,.0f}" if ms >= 100 else f"{ms:.{2 - int(np.floor(np.log10(max(ms, 1e-3))))}f}"
 
 

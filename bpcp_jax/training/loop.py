@@ -145,8 +145,9 @@ class GateLog:
 
 
 def evaluate(p_eval, state_r, split: data.Split, eval_batch_size: int, *, desc: str = "eval",
-             progress: bool = True) -> dict[str, float]:
-  """Accuracy and mean loss over every example of ``split`` (padding carries weight 0)."""
+             progress: bool = True, axis: str = parallel.AXIS) -> dict[str, float]:
+  """Accuracy and mean loss over every example of ``split`` (padding carries weight 0). ``axis``:
+  the axis ``p_eval`` is mapped over (``parallel.step_axis`` of its network)."""
   pc, pi = jax.process_count(), jax.process_index()
   local = eval_batch_size // pc
   totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
@@ -155,7 +156,7 @@ def evaluate(p_eval, state_r, split: data.Split, eval_batch_size: int, *, desc: 
   n = data.num_batches(len(split.labels), eval_batch_size, drop_remainder=False)
   for idx in tqdm(batches, total=n, desc=desc, disable=not progress or pi != 0, leave=False):
     images, labels, weight = data.pad_batch(split.images[idx], split.labels[idx], local)
-    sums = p_eval(state_r, parallel.shard_batch({"image": images, "label": labels, "weight": weight}))
+    sums = p_eval(state_r, parallel.shard_batch({"image": images, "label": labels, "weight": weight}, axis=axis))
     for k in totals:
       totals[k] += float(np.asarray(sums[k])[0])
   return {"accuracy": totals["correct"] / max(totals["count"], 1.0), "loss": totals["loss"] / max(totals["count"], 1.0),
@@ -190,15 +191,17 @@ def train_stage(run: StageRun, state, *, start_step: int = 0, start_sums: Option
   p_step = parallel.parallel_train_step(run.network, run.tx, mode=run.mode, gamma=run.gamma, bn_l1=run.bn_l1,
                                         distill=run.distill)
   p_eval = p_eval or parallel.parallel_eval_step(run.network)
-  state_r = parallel.replicate(state)
-  extra = () if run.distill is None else (parallel.replicate(run.teacher_variables),)
+  axis = parallel.step_axis(run.network)
+  state_r = parallel.replicate(state, axis)
+  extra = () if run.distill is None else (parallel.replicate(run.teacher_variables, axis),)
   log = MetricsLog(run.metrics_path)
   gate_log = GateLog(os.path.join(os.path.dirname(run.metrics_path), "gates.jsonl")) if run.mode == "search" else None
   if gate_log is not None:
     gate_log.truncate_after(run.name, start_step)
   progress = {"step": start_step, "epoch": start_step // spe}
   try:
-    state_r, last_eval = _epochs(run, state_r, start_step, start_sums, p_step, p_eval, log, progress, extra, gate_log)
+    state_r, last_eval = _epochs(run, state_r, start_step, start_sums, p_step, p_eval, log, progress, extra, gate_log,
+                                 axis)
   except KeyboardInterrupt:
     raise StageInterrupted(run.name, progress["step"], min(progress["epoch"] + 1, run.epochs), run.epochs,
                            _last_checkpoint(run.checkpoints)) from None
@@ -211,9 +214,11 @@ def _last_checkpoint(checkpoints: StageCheckpoints) -> Optional[str]:
   return checkpoints.step_dir(max(steps)) if steps else None
 
 
-def _epochs(run: StageRun, state_r, start_step, start_sums, p_step, p_eval, log, progress, extra=(), gate_log=None):
+def _epochs(run: StageRun, state_r, start_step, start_sums, p_step, p_eval, log, progress, extra=(), gate_log=None,
+            axis: str = parallel.AXIS):
   """The epochs of ``train_stage``; ``progress`` holds the step and epoch reached (for Ctrl-C);
-  ``extra``: the step's further arguments (the teacher's variables when distilling)."""
+  ``extra``: the step's further arguments (the teacher's variables when distilling); ``axis``: the
+  axis the steps are mapped over."""
   spe = run.steps_per_epoch
   last_eval: dict[str, float] = {}
   start_epoch = start_step // spe
@@ -224,7 +229,8 @@ def _epochs(run: StageRun, state_r, start_step, start_sums, p_step, p_eval, log,
     if skip and start_sums:  # device-shaped float32, so the additions replay bit for bit
       sums = {k: np.full((jax.local_device_count(),), v, np.float32) for k, v in start_sums.items()}
     t0 = time.time()
-    batches = data.prefetch(_host_batches(run, epoch, skip), size=2, device_put=parallel.shard_batch)
+    batches = data.prefetch(_host_batches(run, epoch, skip), size=2,
+                            device_put=lambda b: parallel.shard_batch(b, axis=axis))
     bar = tqdm(total=spe, initial=skip, desc=f"{run.name} {epoch + 1}/{run.epochs}", unit="step",
                disable=not run.progress or jax.process_index() != 0, leave=False)
     step = epoch * spe + skip
@@ -264,7 +270,7 @@ def _epochs(run: StageRun, state_r, start_step, start_sums, p_step, p_eval, log,
     last_epoch = epoch + 1 == run.epochs
     if last_epoch or (run.eval_every_epochs and (epoch + 1) % run.eval_every_epochs == 0):
       last_eval = evaluate(p_eval, state_r, run.test, run.eval_batch_size, desc=f"{run.name} eval",
-                           progress=run.progress)
+                           progress=run.progress, axis=axis)
       record.update({"test_accuracy": last_eval["accuracy"], "test_loss": last_eval["loss"]})
     # the line goes first: a kill between the two replays the epoch, and resume drops the line
     log.append(record)

@@ -2,7 +2,8 @@
 
 The same code runs on one device and on many: the global batch is split across all local
 devices (and across hosts, each host feeding its own devices), the steps are mapped with
-``jax.pmap`` over the axis ``AXIS``, and the old state's buffers are donated. Each wrapper is
+``jax.pmap`` over the axis ``AXIS`` (or over the axis a network's own collectives name, e.g. a
+``BatchNorm(axis_name="devices")``: ``step_axis``), and the old state's buffers are donated. Each wrapper is
 guarded by ``chex.assert_max_traces`` so a silent recompilation fails loudly.
 """
 
@@ -42,15 +43,17 @@ def maybe_initialize_distributed() -> bool:
   return True
 
 
-def local_sharding():
-  """Leading axis split over this host's devices: how pmap wants its inputs."""
-  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (AXIS,))
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+def local_sharding(axis: str = AXIS):
+  """Leading axis split over this host's devices: how pmap wants its inputs. ``axis``: the name
+  of the axis the step is mapped over (``step_axis``): pmap gives its outputs a sharding over an
+  axis of that name, and inputs sharded over another name would compile the step again."""
+  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), (axis,))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis))
 
 
-def replicate(tree):
-  """Copy a host pytree onto every local device (leading device axis)."""
-  n, sharding = jax.local_device_count(), local_sharding()
+def replicate(tree, axis: str = AXIS):
+  """Copy a host pytree onto every local device (leading device axis named ``axis``)."""
+  n, sharding = jax.local_device_count(), local_sharding(axis)
   return jax.tree.map(lambda x: jax.device_put(np.broadcast_to(np.asarray(x)[None], (n,) + np.shape(x)), sharding),
                       tree)
 
@@ -60,11 +63,11 @@ def unreplicate(tree):
   return jax.tree.map(lambda x: np.asarray(x[0]), tree)
 
 
-def shard_batch(batch, num_devices: int | None = None):
-  """[B, ...] host arrays -> [devices, B / devices, ...] on the devices, for pmap."""
+def shard_batch(batch, num_devices: int | None = None, axis: str = AXIS):
+  """[B, ...] host arrays -> [devices, B / devices, ...] on the devices (an axis named ``axis``), for pmap."""
   from bpcp_jax.training.data import shard
 
-  return jax.device_put(shard(batch, num_devices or jax.local_device_count()), local_sharding())
+  return jax.device_put(shard(batch, num_devices or jax.local_device_count()), local_sharding(axis))
 
 
 def _guarded(fn, n: int):
@@ -76,6 +79,18 @@ def _guarded(fn, n: int):
 
   step.__name__ = f"{fn.func.__name__}_{id(fn):x}"
   return chex.assert_max_traces(step, n=n)
+
+
+def step_axis(network) -> str:
+  """The axis name the steps of ``network`` are mapped over: the one its collectives use (a
+  ``BatchNorm(axis_name=...)``: the network's ``axis_names``, found by tracing it), else ``AXIS``.
+  Raises ``ValueError`` naming the axes when they are several (the steps map over one)."""
+  names = tuple(getattr(network, "axis_names", ()) or ())
+  if len(names) > 1:
+    raise ValueError(f"{getattr(network, 'label', type(network).__name__)}: its collectives use the named axes "
+                     f"{', '.join(map(repr, names))}; the training steps map over one axis of devices: give every "
+                     "BatchNorm (every collective) the same axis_name")
+  return names[0] if names else AXIS
 
 
 def train_step_fn(network, tx, *, mode: str = "dense", gamma: float = 0.0, bn_l1: float = 0.0,
@@ -96,9 +111,13 @@ def parallel_train_step(network, tx, *, mode: str = "dense", gamma: float = 0.0,
                         augment: bool = True, distill=None, max_traces: int = 1):
   """``train_step`` mapped over the local devices, donating the old state. With ``distill`` the
   mapped step takes the replicated teacher variables as a third argument."""
-  fn = train_step_fn(network, tx, mode=mode, gamma=gamma, bn_l1=bn_l1, augment=augment, distill=distill)
-  return jax.pmap(_guarded(fn, max_traces), axis_name=AXIS, donate_argnums=DONATE)
+  axis = step_axis(network)
+  fn = train_step_fn(network, tx, mode=mode, gamma=gamma, bn_l1=bn_l1, augment=augment, distill=distill,
+                     axis_name=axis)
+  return jax.pmap(_guarded(fn, max_traces), axis_name=axis, donate_argnums=DONATE)
 
 
 def parallel_eval_step(network, max_traces: int = 1):
-  return jax.pmap(_guarded(eval_step_fn(network), max_traces), axis_name=AXIS)
+  """``eval_step`` mapped over the local devices (over the axis ``step_axis(network)``)."""
+  axis = step_axis(network)
+  return jax.pmap(_guarded(eval_step_fn(network, axis_name=axis), max_traces), axis_name=axis)
