@@ -36,7 +36,7 @@ ZOO = os.path.join(REPO_ROOT, "tests", "zoo.py")
 NAMES = sorted(zoo.LINEN)
 # a short run: the search starts from the factory's initialisation (no pretrain) with a gamma large enough that
 # its gates remove blocks; one compiled step shape per stage; latency timed once at batch 1
-OVERRIDES = ["stages.run=search,finetune_blocks,prune,finetune_channels", "stages.search.gamma=1.0",
+OVERRIDES = ["stages.run=search,finetune_blocks,prune,finetune_channels", "stages.search.gamma=100.0",
              "data.max_train_per_class=8", "data.max_test_per_class=5", "batch_size=16",
              "stages.search.epochs=2", "profile.batch_sizes=1", "profile.repeats=1"]
 
@@ -140,25 +140,47 @@ PUBLIC_CODE = {
 }
 
 
+def _train_twice(network, variables, x):
+  """Two train-mode passes with two keys, under the network's BatchNorm axis where it has one (one device)."""
+  from bpcp_jax.training.parallel import step_axis
+
+  axis = step_axis(network) if getattr(network, "axis_names", ()) else None
+
+  def run(key):
+    if axis is None:
+      return network.apply(variables, x, train=True, rng=key)[0]
+    f = jax.pmap(lambda v, xx: network.apply(v, xx, train=True, rng=key, axis_name=axis)[0], axis_name=axis)
+    return f(jax.tree.map(lambda a: a[None], variables), x[None])[0]
+
+  return run(jax.random.key(1)), run(jax.random.key(2))
+
+
 @pytest.mark.parametrize("factory", sorted(PUBLIC_CODE), ids=lambda f: f.rsplit(":", 1)[1])
 def test_public_code_habits_through_the_command_line_and_training_trains(factory, tmp_path, cifar_archive):
-  """Each habit of tests/public_code.py through ``bpcp-jax pipeline``; the final network loads in this process;
-  its BatchNorm statistics moved from their initial values; two train-mode passes with two keys draw differently."""
+  """Each habit of tests/public_code.py through ``bpcp-jax pipeline``; the networks load in this process; the
+  searched network's BatchNorm statistics moved from their initial values (the search trains in train mode);
+  the dense network's train mode draws differently from two keys (the steps fold a new key per step); the final
+  network computes what its checkpoint's ``bp.load_network`` predictor computes."""
   has_bn, draws = PUBLIC_CODE[factory]
   workdir = str(tmp_path / "run")
   _run_cli(workdir, factory)
   with open(os.path.join(workdir, "summary.json")) as f:
     summary = json.load(f)
   assert summary["pruned"]["blocks"] < summary["dense"]["blocks"], summary["pruned"]
-  network, variables, _ = bp.load_stage(os.path.join(workdir, "checkpoints", "finetune_channels"))
-  stats = variables.get("batch_stats") or {}
+  searched, searched_vars, _ = bp.load_stage(os.path.join(workdir, "checkpoints", "search"))
   if has_bn:
+    stats = searched_vars.get("batch_stats") or {}
     means = [np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(stats) if "mean" in jax.tree_util.keystr(p)]
     assert means and all(np.abs(m).max() > 1e-6 for m in means), "BatchNorm running means did not move"
   x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
-  a, _ = network.apply(variables, x, train=True, rng=jax.random.key(1))
-  b, _ = network.apply(variables, x, train=True, rng=jax.random.key(2))
+  dense = bp.FlaxNetwork.from_factory(factory, 10, (32, 32, 3))
+  dense_vars = jax.tree.map(lambda s: np.full(s.shape, 0.1, s.dtype), dense.variable_shapes())
+  a, b = _train_twice(dense, dense_vars, x)
   assert (not np.allclose(a, b)) == draws, "train mode with two keys: " + ("same" if draws else "differ")
-  model, same = bp.load_network(os.path.join(workdir, "checkpoints", "finetune_channels"))
-  np.testing.assert_allclose(np.asarray(bp.make_predictor(model, same)(x)),
-                             np.asarray(network.apply(variables, x, train=False)), rtol=1e-5, atol=1e-5)
+  final = os.path.join(workdir, "checkpoints", "finetune_channels")
+  network, variables, _ = bp.load_stage(final)
+  model, same = bp.load_network(final)
+  out = bp.make_predictor(model, same)(x)
+  out = getattr(out, "logits", out)  # the user's own module returns its own output object
+  np.testing.assert_allclose(np.asarray(out), np.asarray(network.apply(variables, x, train=False)),
+                             rtol=1e-5, atol=1e-5)
