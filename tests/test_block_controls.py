@@ -117,3 +117,44 @@ def test_scored_rules_name_missing_data():
     block_scores(net, variables, np.zeros((2, 8, 8, 3)), rule="importance")
   with pytest.raises(ValueError, match="unknown block selection 'greedy'"):
     select_blocks(net, variables, "greedy", 1)
+
+
+def test_two_searches_with_different_seeds_draw_different_gates_from_the_same_data_and_keys():
+  """``stages.search.seed`` (``train_step(gate_seed=...)``): the gate samples differ, nothing else does."""
+  from bpcp_jax.training import optim, steps
+
+  net, variables = _family()
+  tx = optim.make_optimizer(0.0, gate_learning_rate=1.0)  # weights frozen: only the gates move
+  state = steps.create_train_state(variables, tx, np.zeros(2, np.uint32), gates=net.init_masks()["blocks"])
+  images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+  batch = {"image": images, "label": np.arange(8, dtype=np.int32) % 10}
+
+  @functools.partial(jax.jit, static_argnums=1)
+  def step(state, seed):
+    return steps.train_step(state, batch, network=net, tx=tx, mode="search", gamma=0.1, gate_seed=seed)[0].gates
+
+  a, again, b = step(state, 0), step(state, 0), step(state, 7)
+  assert all(np.array_equal(a[k], again[k]) for k in a)  # the same seed: the same gates
+  assert any(not np.array_equal(a[k], b[k]) for k in a), "another seed drew the same gates"
+
+
+def test_the_pipeline_removes_blocks_by_a_scored_rule(tmp_path, monkeypatch):
+  """``--config.stages.search.method=importance``: the pipeline scores the blocks on training images."""
+  import os
+
+  from bpcp_jax.run import pipeline
+  from bpcp_jax.run.config import apply_overrides, load_config_file
+  from bpcp_jax.training import data
+
+  rng = np.random.default_rng(0)
+  split = data.Split(images=rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
+                     labels=np.arange(16, dtype=np.int32) % 3, class_names=("a", "b", "c"))
+  monkeypatch.setattr(pipeline, "load_data", lambda *a, **k: (split, split))
+  config = apply_overrides(load_config_file(os.path.join(REPO_ROOT, "experiments", "configs", "tiny.py")),
+                           [f"model={ZOO}:make_bit", "num_classes=3", "stages.run=search", "stages.search.method=importance",
+                            "stages.search.blocks=2", "stages.search.control_images=8", "batch_size=8",
+                            "eval_batch_size=8", "profile.batch_sizes=2", "profile.repeats=1"])
+  lines = []
+  summary = pipeline.run_pipeline(config, str(tmp_path / "run"), progress=False, log=lines.append)
+  assert summary["pruned"]["blocks"] == 2, summary["pruned"]
+  assert any("method importance: removing 2 of 4 blocks" in line for line in lines), lines

@@ -6,8 +6,8 @@ weight standardization, no BatchNorm), in both frameworks:
 - the API: masked == materialized in eval and train mode to 1e-5 (same dropout key), with a block removed
   and channels cut in every group;
 - the command line: ``bpcp-jax pipeline --config experiments/configs/tiny.py --config.model=tests/zoo.py:...``
-  runs on real CIFAR-10 images in its own process (block search with a gamma that removes blocks, fine-tune,
-  channel prune, fine-tune); at least one block is removed; the final checkpoint loads with
+  runs on real CIFAR-10 images in its own process (block search with a gamma that removes blocks, channel
+  prune, fine-tune); at least one block is removed; the final checkpoint loads with
   ``bp.load_network`` here, in another process than the one that wrote it, and scores the accuracy that
   ``summary.json`` reports on the same test images; the report says in one line whether the pruned network is
   the user's class or the traced program.
@@ -35,8 +35,14 @@ TINY = os.path.join(REPO_ROOT, "experiments", "configs", "tiny.py")
 ZOO = os.path.join(REPO_ROOT, "tests", "zoo.py")
 NAMES = sorted(zoo.LINEN)
 # a short run: the search starts from the factory's initialisation (no pretrain) with a gamma large enough that
-# its gates remove blocks; one compiled step shape per stage; latency timed once at batch 1
-OVERRIDES = ["stages.run=search,finetune_blocks,prune,finetune_channels", "stages.search.gamma=100.0",
+# its gates remove blocks, then channel pruning and its fine-tune; latency timed once at batch 1
+# CI runs each architecture through the command line in one framework (the other is marked slow: README "Tests");
+# both frameworks' masked == materialized checks run in CI
+IN_CI = {("vit", "linen"), ("mixer", "linen"), ("he_resnet", "linen"), ("convnext", "nnx"), ("swin", "nnx"),
+         ("bit", "nnx")}
+CLI_CASES = [pytest.param(name, kind, marks=() if (name, kind) in IN_CI else pytest.mark.slow, id=f"{name}-{kind}")
+             for name in NAMES for kind in ("linen", "nnx")]
+OVERRIDES = ["stages.run=search,prune,finetune_channels", "stages.search.gamma=100.0",
              "data.max_train_per_class=8", "data.max_test_per_class=5", "batch_size=16",
              "stages.search.epochs=2", "profile.batch_sizes=1", "profile.repeats=1"]
 
@@ -102,8 +108,7 @@ def _run_cli(workdir, factory):
   return proc.stdout
 
 
-@pytest.mark.parametrize("kind", ["linen", "nnx"])
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name,kind", CLI_CASES)
 def test_through_the_command_line_and_loaded_in_another_process(name, kind, tmp_path, cifar_archive):
   factory = f"{ZOO}:make_{'nnx_' if kind == 'nnx' else ''}{name}"
   workdir = str(tmp_path / "run")
@@ -155,7 +160,12 @@ def _train_twice(network, variables, x):
   return run(jax.random.key(1)), run(jax.random.key(2))
 
 
-@pytest.mark.parametrize("factory", sorted(PUBLIC_CODE), ids=lambda f: f.rsplit(":", 1)[1])
+# flax's ImageNet ResNet and the drop_path ConvNeXt go through every stage in CI in tests/test_public_pipeline.py
+SLOW_HERE = {f"{PUBLIC}:make_flax_imagenet_resnet", f"{PUBLIC}:make_convnext_drop_path"}
+
+
+@pytest.mark.parametrize("factory", [pytest.param(f, marks=pytest.mark.slow if f in SLOW_HERE else (),
+                                                  id=f.rsplit(":", 1)[1]) for f in sorted(PUBLIC_CODE)])
 def test_public_code_habits_through_the_command_line_and_training_trains(factory, tmp_path, cifar_archive):
   """Each habit of tests/public_code.py through ``bpcp-jax pipeline``; the networks load in this process; the
   searched network's BatchNorm statistics moved from their initial values (the search trains in train mode);

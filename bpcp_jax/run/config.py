@@ -66,10 +66,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.stages = ml_collections.ConfigDict()
   c.stages.run = ",".join(STAGES)  # which stages the pipeline runs, in this order
   c.stages.pretrain = ml_collections.ConfigDict({"epochs": 160, "lr": 0.1, "bn_l1": 0.0})
-  # method "bp": the learned search; "random" / "last": remove `blocks` blocks by that rule instead
-  # (the controls; random draws with select_seed), no training
+  # method "bp": the learned search (seed: its own seed for the gate samples, 0 = the run's key alone);
+  # "random" / "last" / "single_drop" / "importance": remove `blocks` blocks by that rule instead (the
+  # controls, pruning/block_controls.py; random draws with select_seed; the last two score the blocks on
+  # control_images training images), no training
   c.stages.search = ml_collections.ConfigDict({"epochs": 160, "lr": 0.1, "gamma": 0.05, "method": "bp",
-                                               "blocks": 0, "select_seed": 0})
+                                               "blocks": 0, "select_seed": 0, "seed": 0,
+                                               "control_images": 512})
   # distill > 0: the dense network teaches at that temperature, with weight distill_weight on its soft targets
   c.stages.finetune_blocks = ml_collections.ConfigDict({"epochs": 160, "lr": 0.1, "distill": 0.0,
                                                         "distill_weight": 0.5})

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from bpcp_jax.families.provider import DTYPES, FamilyNetwork
 from bpcp_jax.families.spec import parse_model_name
-from bpcp_jax.pruning.block_search import BLOCK_METHODS, select_blocks
+from bpcp_jax.pruning.block_controls import BLOCK_METHODS, SCORED, select_blocks
 from bpcp_jax.pruning.channel_prune import format_report
 from bpcp_jax.pruning.network import PrunableNetwork, network_from_description
 from bpcp_jax.run.config import (RESUME_FREE_KEYS, STAGES, ConfigError, check_config, config_differences,
@@ -423,7 +423,7 @@ def run_training_stage(ctx: RunContext, stage: str, inp: StageOutput,
       metrics_path=ctx.metrics_path, gamma=scfg.get("gamma", 0.0), bn_l1=scfg.get("bn_l1", 0.0),
       every_steps=config.checkpoint.every_steps, log_every=config.log_every_steps,
       eval_every_epochs=config.eval_every_epochs, progress=ctx.progress, distill=distill,
-      teacher_variables=teacher_vars)
+      teacher_variables=teacher_vars, gate_seed=int(scfg.get("seed", 0)) if mode == "search" else 0)
   if meta is not None and meta.get("done"):
     accuracy = meta.get("accuracy")
     if jax.process_index() == 0:
@@ -438,10 +438,16 @@ def run_training_stage(ctx: RunContext, stage: str, inp: StageOutput,
 
 def select_block_stage(ctx: RunContext, inp: StageOutput) -> StageOutput:
   """The search stage with a rule instead of the learned search (``stages.search.method``):
-  ``random`` blocks or the ``last`` blocks of every stage; the gates it returns decide the blocks
-  as a search would (no training)."""
+  ``random`` blocks, the ``last`` blocks of every stage, or the blocks scored lowest on the first
+  ``stages.search.control_images`` training images (``single_drop``, ``importance``;
+  pruning/block_controls.py); the gates it returns decide the blocks as a search would (no training)."""
   s = ctx.config.stages.search
-  logits = select_blocks(inp.network, inp.variables, s.method, s.blocks, seed=s.select_seed)
+  images = labels = None
+  if s.method in SCORED:
+    n = min(int(s.get("control_images", 512)), len(ctx.train.labels))
+    images, labels = np.asarray(data.normalize(ctx.train.images[:n])), ctx.train.labels[:n]
+  logits = select_blocks(inp.network, inp.variables, s.method, s.blocks, seed=s.select_seed, images=images,
+                         labels=labels, batch_size=ctx.config.eval_batch_size)
   removed = [b for b, v in logits.items() if v < 0]
   ctx.log(f"[search] method {s.method}: removing {len(removed)} of {len(logits)} blocks: {', '.join(removed)}")
   return StageOutput(inp.network, inp.variables, logits, None)

@@ -161,7 +161,9 @@ def summarize(ctx, dense, final, history, labels: tuple[str, str] = ("dense", "p
     summary["reduction"][f"speedup_b{b}"] = ratio["median"]
     summary["speedup_spread"][f"b{b}"] = ratio
   if decisions is not None:
-    summary["block_search"] = {k: v for k, v in decisions.items() if k != "warnings"}
+    search = cfg.stages.search
+    summary["block_search"] = {**{k: v for k, v in decisions.items() if k != "warnings"}, "method": search.method,
+                               "seed": int(search.get("seed", 0)), "gamma": float(search.gamma)}
   if jax.process_index() == 0:
     with open(os.path.join(ctx.workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2, sort_keys=True)

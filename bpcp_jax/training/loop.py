@@ -72,6 +72,7 @@ class StageRun:
   progress: bool = True  # progress bars; the epoch lines are printed either way
   distill: Any = None  # steps.Distillation: the dense network as a teacher
   teacher_variables: Any = None
+  gate_seed: int = 0  # the search's own seed for its gate samples (steps.train_step)
 
   @property
   def steps_per_epoch(self) -> int:
@@ -189,7 +190,7 @@ def train_stage(run: StageRun, state, *, start_step: int = 0, start_sums: Option
     raise ValueError(f"stage {run.name}: the training set ({len(run.train.labels)} images) is smaller than "
                      f"one batch ({run.batch_size})")
   p_step = parallel.parallel_train_step(run.network, run.tx, mode=run.mode, gamma=run.gamma, bn_l1=run.bn_l1,
-                                        distill=run.distill)
+                                        distill=run.distill, gate_seed=run.gate_seed)
   p_eval = p_eval or parallel.parallel_eval_step(run.network)
   axis = parallel.step_axis(run.network)
   state_r = parallel.replicate(state, axis)

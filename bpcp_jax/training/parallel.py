@@ -94,12 +94,12 @@ def step_axis(network) -> str:
 
 
 def train_step_fn(network, tx, *, mode: str = "dense", gamma: float = 0.0, bn_l1: float = 0.0,
-                  augment: bool = True, distill=None, axis_name=AXIS):
+                  augment: bool = True, distill=None, axis_name=AXIS, gate_seed: int = 0):
   """``steps.train_step`` with its static arguments bound: ``(state, batch[, teacher_variables]) ->
   (state, metrics)``, the function ``parallel_train_step`` maps (tests/test_export.py lowers the
   same one for GPU and TPU)."""
   return functools.partial(steps.train_step, network=network, tx=tx, mode=mode, gamma=gamma, bn_l1=bn_l1,
-                           augment=augment, axis_name=axis_name, distill=distill)
+                           augment=augment, axis_name=axis_name, distill=distill, gate_seed=gate_seed)
 
 
 def eval_step_fn(network, axis_name=AXIS):
@@ -108,12 +108,12 @@ def eval_step_fn(network, axis_name=AXIS):
 
 
 def parallel_train_step(network, tx, *, mode: str = "dense", gamma: float = 0.0, bn_l1: float = 0.0,
-                        augment: bool = True, distill=None, max_traces: int = 1):
+                        augment: bool = True, distill=None, max_traces: int = 1, gate_seed: int = 0):
   """``train_step`` mapped over the local devices, donating the old state. With ``distill`` the
   mapped step takes the replicated teacher variables as a third argument."""
   axis = step_axis(network)
   fn = train_step_fn(network, tx, mode=mode, gamma=gamma, bn_l1=bn_l1, augment=augment, distill=distill,
-                     axis_name=axis)
+                     axis_name=axis, gate_seed=gate_seed)
   return jax.pmap(_guarded(fn, max_traces), axis_name=axis, donate_argnums=DONATE)
 
 

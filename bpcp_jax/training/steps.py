@@ -108,8 +108,12 @@ def distillation_loss(student_logits, teacher_logits, temperature: float) -> jax
 
 def train_step(state: TrainState, batch, teacher_variables=None, *, network, tx: optax.GradientTransformation,
                mode: str = "dense", gamma: float = 0.0, bn_l1: float = 0.0, augment: bool = True,
-               axis_name: Optional[str] = None, distill: Optional[Distillation] = None):
+               axis_name: Optional[str] = None, distill: Optional[Distillation] = None, gate_seed: int = 0):
   """One optimisation step. ``batch``: ``{"image": uint8 [B,H,W,C], "label": int [B]}`` (per device).
+
+  ``gate_seed``: the search's own seed for its gate samples (0: the stage key alone, as before it
+  existed), so that searches differing only in it draw independent gates from the same data order,
+  augmentation and dropout keys.
 
   ``teacher_variables``: the teacher's variables when ``distill`` is set (an argument, so the
   teacher is neither compiled into the step nor saved in the state's checkpoints).
@@ -123,6 +127,8 @@ def train_step(state: TrainState, batch, teacher_variables=None, *, network, tx:
   positions = _example_positions(images.shape[0], axis_name)
   x = augment_batch(jax.random.fold_in(step_key, 0), images, positions) if augment else data.normalize(images)
   gate_key = jax.random.fold_in(step_key, 1)
+  if gate_seed:
+    gate_key = jax.random.fold_in(gate_key, gate_seed)
   dropout_key = jax.random.fold_in(step_key, 2)
   if axis_name is not None:
     gate_key = jax.random.fold_in(gate_key, jax.lax.axis_index(axis_name))
