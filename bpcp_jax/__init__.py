@@ -10,8 +10,8 @@ The curated public API. A typical session::
     bp.count_params_macs(small)
 """
 
-from bpcp_jax.pruning.block_search import (
-    decide_blocks, gate_penalty, gate_probabilities, hard_gates, sample_gates, select_blocks)
+from bpcp_jax.pruning.block_search import decide_blocks, gate_penalty, gate_probabilities, hard_gates, sample_gates
+from bpcp_jax.pruning.block_controls import block_scores, lowest_blocks, select_blocks
 from bpcp_jax.pruning.network import PrunableNetwork, network_from_description
 from bpcp_jax.families.provider import FamilyNetwork
 from bpcp_jax.tracer.provider import FlaxNetwork
@@ -66,6 +66,7 @@ __all__ = [
     "PLAN_FORMAT",
     "PrunableNetwork", "PrunedNetwork", "RebuildError", "RebuildReport", "RebuildWarning", "ResNet", "Selection",
     "Skipped", "Zeroed", "StageSpec", "load_network", "load_stage", "load_weights", "network_from_description", "select_blocks",
+    "block_scores", "lowest_blocks",
     "TracedNetwork", "check_masks", "check_traced_masks", "count_leaves", "count_params_macs", "count_traced",
     "create_model", "decide_blocks", "dense_spec", "enable_compilation_cache", "gate_penalty", "gate_probabilities", "group_widths",
     "hard_gates", "init_masks", "init_traced_masks", "kept_blocks", "layer_report", "layer_table",

@@ -151,7 +151,8 @@ def test_the_pipeline_removes_blocks_by_a_scored_rule(tmp_path, monkeypatch):
                      labels=np.arange(16, dtype=np.int32) % 3, class_names=("a", "b", "c"))
   monkeypatch.setattr(pipeline, "load_data", lambda *a, **k: (split, split))
   config = apply_overrides(load_config_file(os.path.join(REPO_ROOT, "experiments", "configs", "tiny.py")),
-                           [f"model={ZOO}:make_bit", "num_classes=3", "stages.run=search", "stages.search.method=importance",
+                           [f"model={ZOO}:make_bit", "num_classes=3", "stages.run=search",
+                            "stages.search.method=importance",
                             "stages.search.blocks=2", "stages.search.control_images=8", "batch_size=8",
                             "eval_batch_size=8", "profile.batch_sizes=2", "profile.repeats=1"])
   lines = []

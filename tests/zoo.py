@@ -18,7 +18,8 @@ through ``bpcp-jax pipeline --config.model=tests/zoo.py:<factory>``:
 Linen modules take ``(x, train=False)``; NNX modules are switched by ``.train()``/``.eval()`` and draw dropout from
 the ``rngs`` they were built with, as flax's NNX examples and jax-ml/bonsai write them. None has BatchNorm except
 ``he_resnet``. Layer scales are reshaped to the feature map's rank (``gamma.reshape(1, 1, 1, d)``) only because
-the tests run with ``jax_numpy_rank_promotion="raise"``. Factories: ``make_<name>(num_classes=10)`` (linen) and ``make_nnx_<name>(num_classes=10, rngs=...)``.
+the tests run with ``jax_numpy_rank_promotion="raise"``. Factories: ``make_<name>(num_classes=10)`` (linen) and
+``make_nnx_<name>(num_classes=10, rngs=...)``.
 """
 
 from __future__ import annotations

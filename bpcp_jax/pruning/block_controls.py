@@ -48,7 +48,8 @@ def block_scores(network, variables, images, labels=None, *, rule: str, batch_si
     raise ValueError(f"unknown scoring rule {rule!r}; choose from {', '.join(SCORED)}")
   images = np.asarray(images)
   if images.ndim != 1 + len(network.input_shape) or tuple(images.shape[1:]) != tuple(network.input_shape):
-    raise ValueError(f"block scores: images of shape {images.shape}, the network takes [N, *{tuple(network.input_shape)}]")
+    raise ValueError(f"block scores: images of shape {images.shape}, the network takes "
+                     f"[N, *{tuple(network.input_shape)}]")
   names = list(network.block_names)
   if rule == "single_drop":
     if labels is None or len(labels) != len(images):

@@ -817,7 +817,8 @@ class NnxFlaxNetwork(FlaxNetwork):
   def variable_shapes(self):
     if self._var_shapes is None:
       known = (*COLLECTIONS.values(), nnx.RngState)
-      other = [f"{'/'.join(map(str, path))} ({type(node).__name__})" for path, node in nnx.iter_graph(self.module.merge())
+      other = [f"{'/'.join(map(str, path))} ({type(node).__name__})"
+               for path, node in nnx.iter_graph(self.module.merge())
                if isinstance(node, nnx.Variable) and not isinstance(node, known)]
       if other:
         raise ValueError(f"{self.label}: variables {', '.join(other[:5])} are not supported (only nnx.Param, "

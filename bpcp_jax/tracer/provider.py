@@ -489,7 +489,8 @@ class FlaxNetwork(PrunableNetwork):
     program = traced.traced("eval", (example,))[0]
     from bpcp_jax.tracer.network import abstract_like
 
-    leaves = [abstract_like(program.avals[o]) if isinstance(o, int) else abstract_like(o.value) for o in program.outvars]
+    leaves = [abstract_like(program.avals[o]) if isinstance(o, int) else abstract_like(o.value)
+              for o in program.outvars]
     out = jax.tree_util.tree_unflatten(program.out_tree, leaves)
     logits = output_logits(out, self.output, self.label)
     if len(logits.shape) != 2 or logits.shape[0] != example.shape[0]:
