@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import bpcp_jax as bp
 from bpcp_jax.run import pipeline
 from bpcp_jax.run.config import apply_overrides, load_config_file
 from bpcp_jax.run.report import block_decisions, block_decisions_markdown
@@ -360,3 +361,24 @@ def test_flax_imagenet_resnet_runs_with_its_batchnorm_axis_on_four_devices(tmp_p
   ck.close()
   means = [np.asarray(v["mean"]) for v in tree["batch_stats"].values() if "mean" in v]
   assert means and all(np.abs(m).max() > 1e-3 for m in means), "BatchNorm running means did not move"
+
+
+def test_a_mistyped_factory_name_gets_the_closest_one():
+  from bpcp_jax.tracer.provider import ModelSourceError, resolve_factory
+
+  zoo = os.path.join(REPO_ROOT, "tests", "zoo.py")
+  with pytest.raises(ModelSourceError, match=r"no function 'make_vitt' .*; did you mean 'make_vit'\?"):
+    resolve_factory(f"{zoo}:make_vitt")
+  with pytest.raises(ModelSourceError, match=r"no function 'zzz' .*; it defines make_bit, "):
+    resolve_factory(f"{zoo}:zzz")
+
+
+def test_materializing_says_in_one_line_that_the_network_is_rebuilt_as_your_class(capsys):
+  """The run says which the pruned network is (README): its own class narrowed, or the traced program."""
+  net = bp.FlaxNetwork.from_factory(f"{os.path.join(REPO_ROOT, 'tests', 'zoo.py')}:make_mixer", 10, (32, 32, 3))
+  variables = jax.tree.map(lambda s: np.full(s.shape, 0.1, s.dtype), net.variable_shapes())
+  masks = net.init_masks()
+  masks["blocks"]["block1_2"] = np.float32(-1.0)
+  net.materialize(variables, masks)
+  lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[materialize]")]
+  assert len(lines) == 1 and "rebuilt as your own LinenMixer, narrowed" in lines[0], lines

@@ -70,7 +70,7 @@ from bpcp_jax.tracer.network import (PrunedNetwork, TracedNetwork, _shrink, leav
                                      prune_decision, trace_network)
 from bpcp_jax.tracer.rebuild import (PLAN_FORMAT, RebuildError, RebuildReport, _Call, _check_plan, _concrete_inputs,
                                      _max_diff, _shapes, conv_groups, draws_random_numbers, fallback_summary,
-                                     removed_block_plan)
+                                     plan_summary, removed_block_plan)
 
 COLLECTIONS = {"params": nnx.Param, "batch_stats": nnx.BatchStat}
 
@@ -848,6 +848,9 @@ class NnxFlaxNetwork(FlaxNetwork):
       return NnxTracedNetwork(PrunedNetwork(prune_decision(self.traced, masks), _shapes(small_vars)), self.input_shape,
                               self.source, self.prunings + (decision,), self.label, output=self.output,
                               _streams=self._streams, _axes=self._axes)
+    if say and jax.process_index() == 0:
+      print(f"[materialize] {self.label}: rebuilt as your own {type(model).__name__}, narrowed "
+            f"({plan_summary(report.plan)})", flush=True)
     return dataclasses.replace(self, module=NnxNetwork.of(model), plan=report.plan,
                                prunings=self.prunings + (decision,), _traced=None, _var_shapes=None)
 

@@ -109,7 +109,13 @@ def resolve_factory(ref: str):
                              f"{type(e).__name__}: {e}") from e
   fn = getattr(module, name, None)
   if fn is None or not callable(fn):
-    raise ModelSourceError(f"{where} defines no function {name!r} (from model={ref!r})")
+    import difflib
+
+    functions = sorted(k for k, v in vars(module).items() if inspect.isfunction(v) and not k.startswith("_"))
+    close = difflib.get_close_matches(name, functions, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else (f"; it defines {', '.join(functions[:8])}" if functions
+                                                          else "")
+    raise ModelSourceError(f"{where} defines no function {name!r} (from model={ref!r}){hint}")
   return fn
 
 
@@ -582,7 +588,7 @@ class FlaxNetwork(PrunableNetwork):
     fallback is said in one line on stdout (the first reason, and how many more). A network already
     the traced program stays one, silently."""
     from bpcp_jax.tracer.network import PrunedNetwork, prune_decision
-    from bpcp_jax.tracer.rebuild import RebuildWarning, _shapes, fallback_summary, rebuild
+    from bpcp_jax.tracer.rebuild import RebuildWarning, _shapes, fallback_summary, plan_summary, rebuild
 
     if isinstance(self.module, PrunedNetwork):  # fell back before: said then
       module = PrunedNetwork(prune_decision(self.traced, masks), _shapes(small_vars))
@@ -590,10 +596,14 @@ class FlaxNetwork(PrunableNetwork):
       with warnings.catch_warnings():
         warnings.simplefilter("ignore", RebuildWarning)  # said below, in one line
         module, report = rebuild(self.traced, small_vars, masks)
-      if not report.rebuilt and say and jax.process_index() == 0:
-        print(f"[materialize] {self.label}: kept as the traced program (PrunedNetwork), not rebuilt as "
-              f"{type(self.module).__name__}: {fallback_summary(report.problems, 'bp.rebuild reports them all')}",
-              flush=True)
+      if say and jax.process_index() == 0:
+        if report.rebuilt:
+          print(f"[materialize] {self.label}: rebuilt as your own {type(self.module).__name__}, narrowed "
+                f"({plan_summary(report.plan)})", flush=True)
+        else:
+          print(f"[materialize] {self.label}: kept as the traced program (PrunedNetwork), not rebuilt as "
+                f"{type(self.module).__name__}: {fallback_summary(report.problems, 'bp.rebuild reports them all')}",
+                flush=True)
     return dataclasses.replace(self, module=module, prunings=self.prunings + (decision,), _traced=None,
                                _var_shapes=None)  # its streams and axes are the original's
 

@@ -1078,6 +1078,19 @@ def rebuild(net: TracedNetwork, small_variables, masks: Mapping, *example_inputs
   return module, RebuildReport(True, plan, [], diffs, notes)
 
 
+def plan_summary(plan) -> str:
+  """``"3 layers narrowed, 1 block module skipped, 2 modules of removed branches zeroed"``: what a pruning plan
+  does, for the one line a materialization prints."""
+  plan = plan or {}
+
+  def n(count, word):
+    return f"{count} {word}{'s' * (count != 1)}"
+
+  return (f"{n(len(plan.get('layers', {})), 'layer')} narrowed, "
+          f"{n(len(plan.get('removed_blocks', ())), 'block module')} skipped, "
+          f"{n(len(plan.get('zeroed', {})), 'module')} of removed branches zeroed")
+
+
 def fallback_summary(problems, more: str = "see report.problems") -> str:
   """The first of ``problems`` on one line, with how many more there are: ``"<first> (and 2 more: <more>)"``."""
   first = " ".join(str(problems[0]).split()) if problems else "no reason given"
