@@ -66,7 +66,7 @@ from flax import nnx, traverse_util
 
 from bpcp_jax.tracer.provider import (TRAIN_SWITCHES, FlaxNetwork, call_factory, check_train_mode, mode_kwargs,
                                       train_switch)
-from bpcp_jax.tracer.network import (PrunedNetwork, TracedNetwork, _shrink, leaves_by_path, materialize_traced,
+from bpcp_jax.tracer.network import (PrunedNetwork, TracedNetwork, leaves_by_path, materialize_traced,
                                      prune_decision, trace_network)
 from bpcp_jax.tracer.rebuild import (PLAN_FORMAT, RebuildError, RebuildReport, _Call, _check_plan, _concrete_inputs,
                                      _max_diff, _shapes, conv_groups, draws_random_numbers, fallback_summary,
@@ -508,21 +508,10 @@ def _group_norm(m, run: Optional[tuple] = None):
 
 def _norm_groups(decision, calls: Mapping, inputs) -> dict:
   """``{module path: (num_groups, group_size)}`` of each ``nnx.GroupNorm`` as the pruned program runs
-  it: the shape of its reshape ``(..., C) -> (..., groups, size)`` there."""
-  scopes = {k: "/".join(map(str, c.path)) for k, c in calls.items() if isinstance(c.module, nnx.GroupNorm)}
-  out: dict = {}
-  for mode in decision.net.modes:
-    program, _ = decision.net.traced(mode, inputs)
-    shrunk = _shrink(decision, mode, inputs)
-    for _, e in shrunk.eqns:
-      path = scopes.get(e.where)
-      if path is None or path in out or e.name != "reshape":
-        continue
-      a, b = program.shape(e.ins[0]), program.shape(e.outs[0])
-      if len(b) == len(a) + 1 and b[:-2] == a[:-1] and b[-2] * b[-1] == a[-1]:
-        new = shrunk.shapes[e.outs[0]]
-        out[path] = (int(new[-2]), int(new[-1]))
-  return out
+  it (``rebuild.group_norm_splits``, as for linen's)."""
+  from bpcp_jax.tracer.rebuild import group_norm_splits
+
+  return group_norm_splits(decision, calls, inputs, cls=nnx.GroupNorm)
 
 
 def _linear(m):
