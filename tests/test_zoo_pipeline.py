@@ -135,8 +135,8 @@ def test_through_the_command_line_and_loaded_in_another_process(name, kind, tmp_
 PUBLIC = os.path.join(REPO_ROOT, "tests", "public_code.py")
 # factory -> (has BatchNorm, draws random numbers in train mode)
 PUBLIC_CODE = {
-    f"{PUBLIC}:make_flax_imagenet_resnet": (True, False),
-    f"{PUBLIC}:make_convnext_drop_path": (False, True),
+    os.path.join(REPO_ROOT, "tests", "public_models", "imagenet_resnet.py") + ":make_model": (True, False),
+    os.path.join(REPO_ROOT, "tests", "public_models", "convnext.py") + ":make_model": (False, True),
     f"{PUBLIC}:make_training_switch": (True, True),
     f"{PUBLIC}:make_output_object": (False, True),
     f"{PUBLIC}:make_nnx_training": (True, True),
@@ -161,11 +161,12 @@ def _train_twice(network, variables, x):
 
 
 # flax's ImageNet ResNet and the drop_path ConvNeXt go through every stage in CI in tests/test_public_pipeline.py
-SLOW_HERE = {f"{PUBLIC}:make_flax_imagenet_resnet", f"{PUBLIC}:make_convnext_drop_path"}
+SLOW_HERE = {os.path.join(REPO_ROOT, "tests", "public_models", "imagenet_resnet.py") + ":make_model",
+             os.path.join(REPO_ROOT, "tests", "public_models", "convnext.py") + ":make_model"}
 
 
 @pytest.mark.parametrize("factory", [pytest.param(f, marks=pytest.mark.slow if f in SLOW_HERE else (),
-                                                  id=f.rsplit(":", 1)[1]) for f in sorted(PUBLIC_CODE)])
+                                                  id=os.path.relpath(f, REPO_ROOT).replace(os.sep, "/").replace(".py:", ":")) for f in sorted(PUBLIC_CODE)])
 def test_public_code_habits_through_the_command_line_and_training_trains(factory, tmp_path, cifar_archive):
   """Each habit of tests/public_code.py through ``bpcp-jax pipeline``; the networks load in this process; the
   searched network's BatchNorm statistics moved from their initial values (the search trains in train mode);
